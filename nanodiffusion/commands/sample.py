@@ -1,0 +1,48 @@
+"""Sample a DDPM model: a grid PNG, optionally a GIF of the reverse process and one PNG per image."""
+
+from pathlib import Path
+
+from nanodiffusion.diffusion.samplers import SAMPLERS
+from nanodiffusion.images import save_png, to_pil
+from nanodiffusion.pipelines.ddpm import BUILTIN_MODELS, DDPMPipeline, save_reverse_gif
+
+HELP = "sample images from a DDPM model (the built-in Fashion-MNIST model by default)"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("model", nargs="?", default="fashion-mnist",
+                   help=f"checkpoint file, or a built-in model: {', '.join(BUILTIN_MODELS)}")
+    p.add_argument("-n", "--num-images", type=int, default=20, help="number of images")
+    p.add_argument("--sampler", default="dpmpp_2m", choices=list(SAMPLERS), help="sampler")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps (the tutorial's DDPM uses 1000)")
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same images")
+    p.add_argument("--guidance", type=float, default=2.0,
+                   help="classifier-free guidance scale for class-conditional models (1 = none)")
+    p.add_argument("--label", action="append",
+                   help="class to draw (index or name, repeatable); default: cycle through every class")
+    p.add_argument("--out", default="samples.png", help="grid PNG")
+    p.add_argument("--out-dir", help="also write every image as its own PNG in this folder")
+    p.add_argument("--gif", help="write an animated GIF of the reverse process")
+    p.add_argument("--gif-frames", type=int, default=50, help="frames in the GIF (the last one is held)")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA ones")
+
+
+def run(args) -> None:
+    pipe = DDPMPipeline.from_pretrained(args.model, use_ema=not args.no_ema)
+    result = pipe.sample_grid(args.out, num_images=args.num_images, sampler=args.sampler, num_steps=args.steps,
+                              seed=args.seed, guidance_scale=args.guidance, labels=args.label,
+                              gif_frames=args.gif_frames if args.gif else 0)
+    print(f"wrote {args.out}")
+    if args.gif:
+        save_reverse_gif(result.frames, args.gif, cols=_grid_cols(pipe, args.num_images))
+        print(f"wrote {args.gif} ({len(result.frames)} frames)")
+    if args.out_dir:
+        out = Path(args.out_dir)
+        for i, image in enumerate(to_pil(result.images)):
+            prefix = f"label{int(result.labels[i])}_" if result.labels is not None else ""
+            save_png(image, out / f"{prefix}{i:04d}.png")
+        print(f"wrote {len(result.images)} images to {out}")
+
+
+def _grid_cols(pipe: DDPMPipeline, n: int) -> int | None:
+    return pipe.num_classes if pipe.num_classes and n % pipe.num_classes == 0 else None

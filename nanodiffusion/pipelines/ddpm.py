@@ -1,0 +1,154 @@
+"""Sampling a pixel-space DDPM model: wires a UNet, its schedule and a sampler; writes grids, GIFs, PNGs."""
+
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from nanodiffusion.diffusion.denoisers import Denoiser
+from nanodiffusion.diffusion.guidance import cfg_denoiser
+from nanodiffusion.diffusion.samplers import get_sampler
+from nanodiffusion.diffusion.schedules import (
+    ScheduleConfig, check_num_steps, get_alphas_cumprod, get_sigmas_from_timesteps, get_timesteps,
+)
+from nanodiffusion.errors import UserError
+from nanodiffusion.images import image_grid, save_gif, save_png, to_pil
+from nanodiffusion.nets.ddpm_unet import DDPMUNet, DDPMUNetConfig
+from nanodiffusion.training.checkpoint import load_checkpoint, unprefixed
+
+BUILTIN_DIR = Path(__file__).resolve().parent.parent / "builtin"
+BUILTIN_MODELS = {"fashion-mnist": BUILTIN_DIR / "fashion_mnist_ddpm.safetensors"}
+
+
+@dataclass
+class SampleResult:
+    images: torch.Tensor            # (N, C, H, W) in [-1, 1]
+    labels: torch.Tensor | None     # (N,) class of each image, or None for an unconditional model
+    frames: list                    # per recorded step, (N, C, H, W) tensors of x_t for the reverse-process GIF
+
+
+class DDPMPipeline:
+    """`DDPMPipeline(unet, schedule, prediction, class_names)`; `from_pretrained(path or builtin name)`."""
+
+    def __init__(self, unet: DDPMUNet, schedule: ScheduleConfig, prediction: str = "epsilon",
+                 class_names=None):
+        self.unet = unet.eval()
+        self.schedule = schedule
+        self.class_names = tuple(class_names) if class_names else None
+        self.denoiser = Denoiser(self._net, get_alphas_cumprod(schedule), prediction)
+
+    def _net(self, x, t, class_labels=None):
+        return self.unet(x, t, class_labels=class_labels)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path = "fashion-mnist", *, use_ema: bool = True) -> "DDPMPipeline":
+        """Load a checkpoint file written by training (its EMA weights by default) or a built-in model name."""
+        path = BUILTIN_MODELS.get(str(path), Path(path))
+        tensors, meta = load_checkpoint(path)
+        if meta.get("kind") != "ddpm":
+            raise UserError(f"{path} is not a DDPM model checkpoint (kind={meta.get('kind')!r})")
+        unet = DDPMUNet(DDPMUNetConfig.from_dict(meta["unet"]))
+        prefix = "ema" if use_ema and any(k.startswith("ema.") for k in tensors) else "model"
+        unet.load_state_dict({k: v.float() for k, v in unprefixed(prefix, tensors).items()})
+        return cls(unet, ScheduleConfig.from_dict(meta["schedule"]), meta["prediction"], meta.get("class_names"))
+
+    @property
+    def num_classes(self) -> int:
+        return self.unet.config.num_classes or 0
+
+    def resolve_labels(self, num_images: int, labels) -> torch.Tensor | None:
+        """Labels for each image: given ones (ints or class names) repeated, or cycling through all classes."""
+        if not self.num_classes:
+            if labels:
+                raise UserError("this model is unconditional: it takes no --label")
+            return None
+        if not labels:
+            return torch.arange(num_images) % self.num_classes
+        ids = [self._label_id(label) for label in labels]
+        return torch.tensor([ids[i % len(ids)] for i in range(num_images)])
+
+    def _label_id(self, label) -> int:
+        names = self.class_names or ()
+        if isinstance(label, str) and not label.isdigit():
+            lowered = [n.lower() for n in names]
+            if label.lower() not in lowered:
+                raise UserError(f"unknown class {label!r}; valid: {', '.join(names)}")
+            return lowered.index(label.lower())
+        label = int(label)
+        if not 0 <= label < self.num_classes:
+            raise UserError(f"label {label} out of range: this model has classes 0..{self.num_classes - 1}")
+        return label
+
+    @torch.no_grad()
+    def __call__(self, num_images: int = 16, *, sampler: str = "ddpm", num_steps: int = 1000, seed: int = 0,
+                 guidance_scale: float = 1.0, labels=None, gif_frames: int = 0, progress: bool = True,
+                 **sampler_options) -> SampleResult:
+        """Draw `num_images` samples; `gif_frames > 0` records that many evenly spaced x_t of the reverse process."""
+        if num_images < 1:
+            raise UserError(f"the number of images must be >= 1, got {num_images}")
+        if guidance_scale < 0:
+            raise UserError(f"guidance scale must be >= 0, got {guidance_scale}")
+        sample_fn = get_sampler(sampler)
+        check_num_steps(num_steps, self.schedule.num_timesteps)
+        if gif_frames > num_steps + 1:
+            raise UserError(f"a GIF of the reverse process has at most steps + 1 = {num_steps + 1} frames, "
+                            f"asked for {gif_frames}")
+        spacing = "leading" if num_steps < self.schedule.num_timesteps else "linspace"
+        sigmas = get_sigmas_from_timesteps(get_timesteps(num_steps, self.schedule.num_timesteps, spacing),
+                                           self.denoiser.sigmas).float()
+        class_labels = self.resolve_labels(num_images, labels)
+        model = self._guided_model(class_labels, guidance_scale)
+        generator = torch.Generator().manual_seed(seed)
+        cfg = self.unet.config
+        noise = torch.randn(num_images, cfg.in_channels, cfg.image_size, cfg.image_size, generator=generator)
+        x = noise * (1 + sigmas[0] ** 2).sqrt()           # x_T ~ N(0, I) in the network's VP scale
+        record = _frame_steps(num_steps, gif_frames)
+        frames = [(x / (1 + sigmas[0] ** 2).sqrt()).clamp(-1, 1)] if gif_frames else []
+        bar = tqdm(total=num_steps, desc="sampling", disable=not progress, leave=False)
+
+        def callback(i, x_i, denoised):
+            bar.update(1)
+            if i in record:
+                frames.append((x_i / (1 + sigmas[i + 1] ** 2).sqrt()).clamp(-1, 1))
+
+        options = {"generator": generator} if "generator" in inspect.signature(sample_fn).parameters else {}
+        x = sample_fn(model, x, sigmas, callback=callback, **options, **sampler_options)
+        bar.close()
+        return SampleResult(x.clamp(-1, 1), class_labels, frames)
+
+    def _guided_model(self, class_labels, guidance_scale: float):
+        if class_labels is None:
+            return self.denoiser
+        cond = {"class_labels": class_labels}
+        uncond = {"class_labels": torch.full_like(class_labels, self.unet.null_class)}
+        return cfg_denoiser(self.denoiser, cond, uncond, guidance_scale)
+
+    def sample_grid(self, path: str | Path, *, num_images: int = 16, **kwargs) -> SampleResult:
+        """Sample and save a near-square grid PNG (one row per class when sampling all classes)."""
+        result = self(num_images, **kwargs)
+        cols = self.num_classes if self.num_classes and num_images % self.num_classes == 0 else None
+        cols = cols or int(num_images**0.5 + 0.999)
+        rows = (num_images + cols - 1) // cols
+        save_png(image_grid(to_pil(result.images), rows, cols), path)
+        return result
+
+    def label_name(self, label: int) -> str:
+        return self.class_names[label] if self.class_names else str(label)
+
+
+def _frame_steps(num_steps: int, gif_frames: int) -> set[int]:
+    """Step indices after which to record a frame: gif_frames - 1 of them, evenly spaced, the last one included."""
+    if gif_frames <= 1:
+        return {num_steps - 1} if gif_frames == 1 else set()
+    return {round((k + 1) * num_steps / (gif_frames - 1)) - 1 for k in range(gif_frames - 1)}
+
+
+def save_reverse_gif(frames: list, path: str | Path, *, cols: int | None = None, hold_last_ms: int = 2000) -> None:
+    """Write the recorded reverse process as an animated GIF of image grids, holding the last frame."""
+    n = frames[0].shape[0]
+    cols = cols or int(n**0.5 + 0.999)
+    rows = (n + cols - 1) // cols
+    pictures = [image_grid(to_pil(f), rows, cols) for f in frames]
+    save_gif(pictures, path, hold_last_ms=hold_last_ms)

@@ -1,0 +1,23 @@
+"""Exponential moving average of model weights (Polyak averaging; used by DDPM, Ho et al. 2020 §4)."""
+
+import copy
+
+import torch
+
+
+class EMA:
+    """Keeps `shadow`, a frozen copy of a model whose weights track decay·shadow + (1-decay)·model."""
+
+    def __init__(self, model: torch.nn.Module, decay: float = 0.999):
+        if not 0 <= decay < 1:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.shadow = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        ema_params = list(self.shadow.parameters())
+        params = [p.detach() for p in model.parameters()]
+        torch._foreach_lerp_(ema_params, params, 1 - self.decay)   # one fused kernel for all parameters
+        for b_ema, b in zip(self.shadow.buffers(), model.buffers()):
+            b_ema.copy_(b)
