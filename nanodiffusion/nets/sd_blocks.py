@@ -1,0 +1,203 @@
+"""Building blocks of the Stable Diffusion UNet and VAE (Rombach et al. 2022), and their config helpers.
+
+Attribute names mirror the diffusers state-dict keys of SD v1.x (`resnets.0.conv1`, `attn1.to_q`,
+`ff.net.2`...), so published weights load with `load_state_dict(strict=True)`. Down- and upsampling are
+shared with the DDPM UNet (`nanodiffusion.nets.blocks`).
+"""
+
+import dataclasses
+from collections.abc import Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanodiffusion.errors import UserError
+
+
+class ResnetBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice with a residual path; the timestep embedding is added after the first conv.
+
+    `temb_channels=None` gives the VAE's variant without timestep input.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, *, temb_channels: int | None, norm_groups: int,
+                 eps: float, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(norm_groups, in_channels, eps=eps)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_emb_proj = None if temb_channels is None else nn.Linear(temb_channels, out_channels)
+        self.norm2 = nn.GroupNorm(norm_groups, out_channels, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        # a 1x1 conv matches the widths of the residual path only where they differ
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        """`x` is (B, C_in, H, W); `temb` is the SiLU-activated (B, temb_channels) timestep embedding."""
+        h = self.conv1(F.silu(self.norm1(x)))
+        if self.time_emb_proj is not None:
+            h = h + self.time_emb_proj(temb)[:, :, None, None]               # (B, C_out, 1, 1) broadcast
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return skip + h
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, *,
+              upcast: bool = False) -> torch.Tensor:
+    """Multi-head scaled dot-product attention (Vaswani et al. 2017, §3.2) on (B, L, heads*head_dim) tensors.
+
+    `upcast` computes it in float32 (SD 2.1 overflows in float16 otherwise).
+    """
+    batch, length, inner = q.shape
+    dtype = q.dtype
+    if upcast:
+        q, k, v = q.float(), k.float(), v.float()
+    q, k, v = (x.unflatten(-1, (num_heads, -1)).transpose(1, 2) for x in (q, k, v))  # (B, heads, L, dim)
+    out = F.scaled_dot_product_attention(q, k, v)                                     # (B, heads, L, dim)
+    return out.transpose(1, 2).reshape(batch, length, inner).to(dtype)                # (B, L, heads*dim)
+
+
+class Attention(nn.Module):
+    """Multi-head attention of tokens `x` on `context` (self-attention when it is None); no q/k/v bias."""
+
+    def __init__(self, query_dim: int, num_heads: int, *, context_dim: int | None = None,
+                 upcast: bool = False):
+        super().__init__()
+        context_dim = context_dim or query_dim
+        self.num_heads, self.upcast = num_heads, upcast
+        self.to_q = nn.Linear(query_dim, query_dim, bias=False)
+        self.to_k = nn.Linear(context_dim, query_dim, bias=False)
+        self.to_v = nn.Linear(context_dim, query_dim, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(query_dim, query_dim)])     # `to_out.0` in the checkpoints
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.num_heads,
+                        upcast=self.upcast)
+        return self.to_out[0](out)
+
+
+class GEGLU(nn.Module):
+    """Linear layer to 2*dim_out features gated as a * GELU(b) (Shazeer 2020, "GLU Variants Improve
+    Transformer")."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, 2 * dim_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """The transformer MLP: GEGLU to 4*dim hidden features, then a linear layer back to dim."""
+
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        # index 1 is the checkpoints' (parameter-free) dropout slot, kept so the output layer is `net.2`
+        self.net = nn.Sequential(GEGLU(dim, mult * dim), nn.Identity(), nn.Linear(mult * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm block: self-attention, cross-attention on the text `context`, GEGLU feed-forward."""
+
+    def __init__(self, dim: int, num_heads: int, context_dim: int, *, upcast_attention: bool = False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, num_heads, upcast=upcast_attention)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, num_heads, context_dim=context_dim, upcast=upcast_attention)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+def _projection(channels: int, linear: bool) -> nn.Module:
+    return nn.Linear(channels, channels) if linear else nn.Conv2d(channels, channels, 1)
+
+
+class SpatialTransformer(nn.Module):
+    """Transformer blocks over the H*W positions of a feature map, with a residual around them.
+
+    `proj_in`/`proj_out` are 1x1 convs (SD v1.x) or, with `linear_projection`, linear layers on the tokens
+    (SD 2.x); the two are the same map on differently laid-out weights.
+    """
+
+    def __init__(self, channels: int, num_heads: int, context_dim: int, *, depth: int, norm_groups: int,
+                 linear_projection: bool = False, upcast_attention: bool = False):
+        super().__init__()
+        self.linear_projection = linear_projection
+        self.norm = nn.GroupNorm(norm_groups, channels, eps=1e-6)              # fixed 1e-6 in the reference
+        self.proj_in = _projection(channels, linear_projection)
+        self.transformer_blocks = nn.ModuleList(
+            TransformerBlock(channels, num_heads, context_dim, upcast_attention=upcast_attention)
+            for _ in range(depth))
+        self.proj_out = _projection(channels, linear_projection)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        h = self.norm(x)
+        if not self.linear_projection:
+            h = self.proj_in(h)
+        # (B, H*W, C): a free view when x is channels_last, one copy otherwise
+        h = h.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
+        if self.linear_projection:
+            h = self.proj_in(h)
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        if self.linear_projection:
+            h = self.proj_out(h)
+        h = h.reshape(batch, height, width, channels).permute(0, 3, 1, 2)      # (B, C, H, W), NHWC strides
+        if not self.linear_projection:
+            h = self.proj_out(h)
+        return h + x
+
+
+def config_from_dict(cls, data: Mapping):
+    """Build the frozen config dataclass `cls` from a JSON-style dict (lists become tuples).
+
+    Unknown keys are an error that lists the valid ones.
+    """
+    names = {field.name for field in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise UserError(f"unknown {cls.__name__} keys {unknown}; valid keys are {sorted(names)}")
+    return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in data.items()})
+
+
+def read_diffusers_config(config: Mapping, class_name: str, read: Mapping, fixed: Mapping) -> dict:
+    """Return the `read` keys of a diffusers `config.json` dict, with `read`'s values (diffusers' defaults)
+    where it leaves one out; lists become tuples.
+
+    Each key in `fixed` must keep the value given there: other values are options not implemented here.
+    Keys starting with "_" are metadata; any other key is an error, so no option is silently dropped.
+    """
+    if config.get("_class_name", class_name) != class_name:
+        raise UserError(f"expected a diffusers {class_name} config, "
+                        f"got _class_name={config['_class_name']!r}")
+    values, unknown, unsupported = dict(read), [], []
+    for key, value in config.items():
+        value = tuple(value) if isinstance(value, list) else value
+        if key.startswith("_"):
+            continue
+        if key in read:
+            values[key] = value
+        elif key in fixed:
+            if value != fixed[key]:
+                unsupported.append(f"{key}={value!r} (only {fixed[key]!r} is supported)")
+        else:
+            unknown.append(key)
+    if unknown:
+        raise UserError(f"unknown keys in the {class_name} config: {sorted(unknown)}")
+    if unsupported:
+        raise UserError(f"unsupported {class_name} options: {', '.join(unsupported)}")
+    return values
