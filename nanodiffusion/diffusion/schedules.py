@@ -95,12 +95,20 @@ def sigma_to_t(sigma: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
     return (low + w.clamp(0, 1)).to(torch.float32)
 
 
-def t_to_sigma(t: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-    """Return sigma at (fractional) timesteps t, interpolating the discrete table in log-sigma."""
+def t_to_sigma(t: torch.Tensor, sigmas: torch.Tensor, interpolation: str = "log") -> torch.Tensor:
+    """Return sigma at (fractional) timesteps t, interpolating the discrete table in log-sigma.
+
+    interpolation="linear" interpolates sigma itself, as diffusers' k-schedulers (Euler, Heun, LMS...) do.
+    """
+    if interpolation not in ("log", "linear"):
+        raise UserError(f"unknown sigma interpolation {interpolation!r}; valid: log, linear")
     t = torch.as_tensor(t, dtype=torch.float64, device=sigmas.device)
     low = t.floor().long().clamp(0, len(sigmas) - 1)
     high = (low + 1).clamp(max=len(sigmas) - 1)
     w = t - low
+    if interpolation == "linear":
+        table = sigmas.double()
+        return (1 - w) * table[low] + w * table[high]
     log_table = sigmas.double().log()
     return ((1 - w) * log_table[low] + w * log_table[high]).exp()
 
@@ -117,10 +125,14 @@ def get_timesteps(num_steps: int, num_timesteps: int, spacing: str = "leading",
         ratio = T // num_steps
         t = torch.arange(num_steps, dtype=torch.float64) * ratio + steps_offset
     elif spacing == "trailing":
-        ratio = T / num_steps
-        t = torch.round(torch.arange(T, 0, -ratio, dtype=torch.float64)).flip(0) - 1
+        # diffusers' np.arange(T, 0, -T/n) is T + i·delta with numpy's rounded delta; it sometimes yields an
+        # (n+1)-th, negative timestep (n = 61, 103, ...), which we leave out
+        delta = (T - T / num_steps) - T
+        t = (torch.round(T + torch.arange(num_steps, dtype=torch.float64) * delta) - 1).flip(0)
     elif spacing == "linspace":
-        t = torch.linspace(0, T - 1, num_steps, dtype=torch.float64)
+        # as np.linspace computes it (i·step, exact end), so that rounding at .5 agrees with diffusers
+        t = torch.arange(num_steps, dtype=torch.float64) * ((T - 1) / max(num_steps - 1, 1))
+        t[-1] = T - 1 if num_steps > 1 else 0
     else:
         raise UserError(f"unknown timestep spacing {spacing!r}; valid: leading, trailing, linspace")
     return t.flip(0)
