@@ -11,6 +11,10 @@ COMMANDS = {            # name -> module in nanodiffusion.commands providing `ad
     "train": "train",
     "sample": "sample",
     "forward": "forward",
+    "convert": "convert",
+    "eval": "eval",
+    "generate": "generate",
+    "info": "info",
 }
 
 

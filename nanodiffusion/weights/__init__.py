@@ -1,1 +1,46 @@
+"""Stable Diffusion v1.x weights: load a diffusers folder, a single file or a Hub repo; save either layout.
 
+    components = load_sd("path/to/model.safetensors", dtype=torch.float16)
+    save_diffusers(components, "path/to/folder")
+"""
+
+from pathlib import Path
+
+import torch
+
+from nanodiffusion.errors import UserError
+from nanodiffusion.tokenizer import CLIPTokenizer
+from nanodiffusion.weights.components import SDComponents, resolve_dtype
+from nanodiffusion.weights.diffusers_folder import load_diffusers, save_diffusers
+from nanodiffusion.weights.hub import download_repo, looks_like_repo_id
+from nanodiffusion.weights.single_file import load_single_file, save_single_file
+
+__all__ = ["SDComponents", "load_sd", "save_diffusers", "save_single_file"]
+
+
+def load_sd(path_or_repo: str | Path, *, dtype: torch.dtype | str = torch.float32,
+            device: str | torch.device = "cpu", variant: str | None = None, trust_pickle: bool = False,
+            tokenizer: CLIPTokenizer | None = None) -> SDComponents:
+    """Load SD v1.x from a diffusers folder, a single `.safetensors` / `.ckpt` file, or a Hub repo id.
+
+    Weights are memory-mapped and converted tensor by tensor to `dtype` on `device`. Pickle files need
+    `trust_pickle=True`. `tokenizer`, when given, replaces the source's (a single file holds none).
+    """
+    dtype = resolve_dtype(dtype)
+    path = Path(path_or_repo)
+    if not path.exists():
+        if not looks_like_repo_id(str(path_or_repo)):
+            raise UserError(f"no such file or folder: {path}")
+        path = download_repo(str(path_or_repo), variant=variant)
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            found = sorted(p.name for p in path.iterdir())[:10]
+            raise UserError(f"{path} is not a diffusers folder (no model_index.json; it holds {found})")
+        components = load_diffusers(path, dtype=dtype, device=device, variant=variant)
+    elif variant is not None:
+        raise UserError("variant selects files inside a diffusers folder; a single file has none")
+    else:
+        components = load_single_file(path, dtype=dtype, device=device, trust_pickle=trust_pickle)
+    if tokenizer is not None:
+        components.tokenizer = tokenizer
+    return components

@@ -1,0 +1,202 @@
+"""Generate images from a text prompt with a Stable Diffusion v1.x model (diffusers folder, single file or
+Hugging Face repo id).
+
+Every PNG carries A1111's `parameters` text and our exact settings as JSON, so `generate --from IMAGE.png`
+makes the same image again (bit for bit with the same model, dtype and device; flags given with --from
+change that setting). With -n N, image k gets seed + k and is generated on its own, so each PNG replays alone.
+"""
+
+import argparse
+import math
+import random
+import sys
+from dataclasses import fields, replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from nanodiffusion.diffusion.sampling_plan import SIGMA_SCHEDULES
+from nanodiffusion.errors import UserError
+from nanodiffusion.images import image_grid, read_png_text, save_gif, save_png, to_pil
+from nanodiffusion.pipelines.metadata import (
+    PARAMETERS_KEY, SETTINGS_KEY, a1111_parameters, model_hash, read_settings, settings_json,
+)
+from nanodiffusion.pipelines.text_to_image import (
+    BUILTIN_MODELS, GenerationRequest, TextToImage, resolve_sampler,
+)
+from nanodiffusion.weights.components import DTYPES
+from nanodiffusion.weights.hub import download_repo, looks_like_repo_id
+
+HELP = "generate images from a text prompt (Stable Diffusion v1.x)"
+DEFAULT_MODEL = "builtin"       # the built-in model a later release ships
+DEFAULT_OUT = "image.png"
+DEFAULTS = {field.name: field.default for field in fields(GenerationRequest)}
+SUPPRESS = argparse.SUPPRESS    # flags not given stay unset, so that --from can tell them apart
+UNSET_IS_NONE = ("from_image", "out", "out_dir", "gif", "device")      # optional flags without a setting
+
+
+def add_arguments(p) -> None:
+    p.add_argument("prompt", nargs="?", default=SUPPRESS,
+                   help="the prompt; A1111 emphasis is read: (word:1.3), (word), [word], \\( for a bracket")
+    p.add_argument("--model", default=SUPPRESS,
+                   help=f"diffusers folder, .safetensors/.ckpt file or Hugging Face repo id "
+                        f"(default: {DEFAULT_MODEL})")
+    p.add_argument("--negative", dest="negative_prompt", default=SUPPRESS, help="negative prompt")
+    p.add_argument("--steps", dest="num_steps", type=int, default=SUPPRESS,
+                   help=f"sampling steps (default: {DEFAULTS['num_steps']})")
+    p.add_argument("--guidance", dest="guidance_scale", type=float, default=SUPPRESS,
+                   help=f"classifier-free guidance scale, 1 = none (default: {DEFAULTS['guidance_scale']})")
+    p.add_argument("--seed", type=int, default=SUPPRESS,
+                   help="seed of the first image, image k gets seed + k (default: random)")
+    p.add_argument("--size", type=_size, default=SUPPRESS,
+                   help="image size WxH, or one number for a square (default: the model's, 512 for SD v1.x)")
+    p.add_argument("-n", "--num-images", type=int, default=1, help="number of images")
+    p.add_argument("--sampler", default=SUPPRESS,
+                   help=f"sampler: pndm, ddim, euler, euler_a, dpmpp_2m, lms, heun, unipc, ... "
+                        f"(default: {DEFAULTS['sampler']})")
+    p.add_argument("--sigma-schedule", dest="sigma_schedule", choices=SIGMA_SCHEDULES, default=SUPPRESS,
+                   help="sigma grid (default: default, the scheduler's own timesteps)")
+    p.add_argument("--clip-skip", dest="clip_skip", type=int, default=SUPPRESS,
+                   help="2 = condition on CLIP's penultimate layer (default: 1)")
+    p.add_argument("--dtype", choices=list(DTYPES), default=SUPPRESS, help="weights dtype (default: fp32)")
+    p.add_argument("--device", default=SUPPRESS, help="device (default: cuda if available, else cpu)")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--out", default=SUPPRESS,
+                     help=f"output PNG; with -n N, STEM-k.png (default: {DEFAULT_OUT})")
+    out.add_argument("--out-dir", default=SUPPRESS, help="write DIR/00000-SEED.png, DIR/00001-SEED.png, ...")
+    p.add_argument("--grid", action="store_true", help="also write all images as one grid (STEM-grid.png)")
+    p.add_argument("--gif", default=SUPPRESS,
+                   help="write an animated GIF of the denoising: decoded x0 previews")
+    p.add_argument("--gif-frames", type=int, default=10,
+                   help="previews in the GIF, the final image after them")
+    p.add_argument("--from", dest="from_image", default=SUPPRESS,
+                   help="replay the settings stored in a PNG made by this command")
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x")) if "x" in text.lower() else (int(text),) * 2
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must be WxH or one number, got {text!r}") from None
+    return width, height
+
+
+def build_request(args) -> tuple[GenerationRequest, dict]:
+    """The request and the run settings (model, dtype, device): --from's PNG, then the flags given."""
+    given = vars(args)
+    stored, run = {}, {"model": DEFAULT_MODEL, "dtype": "fp32", "model_hash": None, "device": None}
+    if args.from_image:
+        settings = read_settings(read_png_text(args.from_image), args.from_image)
+        stored = settings["request"]
+        run.update({key: settings.get(key) for key in ("model", "dtype", "model_hash", "device")})
+    values = {**stored, **{name: given[name] for name in DEFAULTS if name in given}}
+    if "size" in given:
+        values["width"], values["height"] = given["size"]
+    if "prompt" not in values:
+        raise UserError("give a PROMPT (or --from IMAGE.png to replay one)")
+    if args.num_images < 1:
+        raise UserError(f"the number of images must be >= 1, got {args.num_images}")
+    if values.get("seed") is None:
+        values["seed"] = random.randrange(2**32)
+    values["num_images_per_prompt"] = 1                 # one image per call: each PNG replays alone
+    for key in ("model", "dtype"):
+        run[key] = given.get(key, run[key])
+    return GenerationRequest.from_dict(values), run
+
+
+def resolve_model(model: str) -> Path:
+    """Local path of a model argument (downloading a repo id to the Hugging Face cache)."""
+    if model in BUILTIN_MODELS:
+        if not BUILTIN_MODELS[model].exists():
+            raise UserError(f"the built-in text-to-image model ({DEFAULT_MODEL!r}) is not shipped yet: pass "
+                            "--model with a diffusers folder, a .safetensors/.ckpt file or a Hugging Face "
+                            "repo id")
+        return BUILTIN_MODELS[model]
+    path = Path(model)
+    if not path.exists() and looks_like_repo_id(model):
+        return download_repo(model)
+    if not path.exists():
+        raise UserError(f"no such model file or folder: {model}")
+    return path
+
+
+def output_paths(args, seeds: list[int]) -> tuple[list[Path], Path]:
+    """One path per image and the grid's path."""
+    if args.out_dir:
+        folder = Path(args.out_dir)
+        paths = [folder / f"{k:05d}-{seed}.png" for k, seed in enumerate(seeds)]
+        return paths, folder / f"grid-{seeds[0]}.png"
+    out = Path(args.out or DEFAULT_OUT)
+    if out.suffix.lower() != ".png":
+        raise UserError(f"--out must name a .png file, got {out}")
+    paths = [out] if len(seeds) == 1 else [out.with_name(f"{out.stem}-{k}.png") for k in range(len(seeds))]
+    return paths, out.with_name(f"{out.stem}-grid.png")
+
+
+def preview_steps(num_steps: int, frames: int) -> set[int]:
+    """Steps after which the GIF gets a preview: `frames` of them, evenly spaced, the last step included."""
+    frames = max(1, min(frames, num_steps))
+    return {round((j + 1) * num_steps / frames) - 1 for j in range(frames)}
+
+
+def run(args) -> None:
+    for name in UNSET_IS_NONE:
+        setattr(args, name, getattr(args, name, None))
+    request, settings = build_request(args)
+    seeds = [request.seed + k for k in range(args.num_images)]
+    paths, grid_path = output_paths(args, seeds)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    path = resolve_model(settings["model"])
+    digest = model_hash(path)
+    if args.from_image:
+        _warn_if_different(settings, digest, device)
+    pipe = TextToImage.from_pretrained(path, dtype=DTYPES[settings["dtype"]], device=device)
+    pipe.show_progress = False
+    name = path.stem if path.is_file() else Path(settings["model"]).name   # A1111's "Model": file stem
+    images, animations, texts = [], [], []
+    for k, (seed, out) in enumerate(zip(seeds, paths)):
+        label = f"image {k + 1}/{len(seeds)}"
+        image, frames, done = _generate_one(pipe, replace(request, seed=seed), args, label)
+        text = {PARAMETERS_KEY: a1111_parameters(done, resolve_sampler(done.sampler), name, digest),
+                SETTINGS_KEY: settings_json(done, model=settings["model"], model_hash=digest,
+                                            dtype=settings["dtype"], device=torch.device(device).type)}
+        save_png(image, out, text)
+        print(f"wrote {out} (seed {seed})")
+        images.append(image)
+        animations.append(frames)
+        texts.append(text)
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    if args.grid:
+        save_png(image_grid(images, rows, cols), grid_path, texts[0])      # A1111 grids carry image 0's text
+        print(f"wrote {grid_path}")
+    if args.gif:
+        save_gif([image_grid(list(step), rows, cols) for step in zip(*animations)], args.gif)
+        print(f"wrote {args.gif} ({len(animations[0])} frames)")
+
+
+def _generate_one(pipe: TextToImage, request: GenerationRequest, args, label: str):
+    """One image (PIL), its GIF frames (x0 previews, then the image) and the request as run."""
+    previews = preview_steps(request.num_steps, args.gif_frames) if args.gif else set()
+    frames = []
+    bar = tqdm(total=request.num_steps, desc=f"{label} (seed {request.seed})", leave=False)
+
+    def callback(i, x, denoised):
+        bar.update(1)
+        if i in previews:
+            frames.extend(to_pil(pipe.decode_latents(denoised)))
+
+    output = pipe.generate(request, callback=callback)
+    bar.close()
+    image = output.images[0]
+    return image, frames + [image] if args.gif else [], output.request
+
+
+def _warn_if_different(settings: dict, digest: str, device: str) -> None:
+    if settings.get("model_hash") and settings["model_hash"] != digest:
+        print(f"warning: the model's hash {digest} differs from the recorded {settings['model_hash']}: "
+              "the image will differ", file=sys.stderr)
+    if settings.get("device") and settings["device"] != torch.device(device).type:
+        print(f"warning: recorded on {settings['device']}, running on {device}: pixels may differ slightly",
+              file=sys.stderr)

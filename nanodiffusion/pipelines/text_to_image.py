@@ -1,0 +1,358 @@
+"""Stable Diffusion v1.x text-to-image (Rombach et al. 2022): prompt → CLIP states → sigmas → sampler → VAE
+decode. img2img (`image=`, `strength=`) and inpainting (`mask_image=`) use the same wiring.
+
+Random numbers all come from one generator, a CPU one by default (`seed=` builds it), so a seed gives the
+same image on any device: first the start noise of the whole batch, one draw of shape
+(len(prompts)·num_images_per_prompt, 4, H/8, W/8) with the images of a prompt next to each other, then the
+stochastic samplers' step noise. diffusers' StableDiffusionPipeline draws the same numbers in the same order
+from one generator, so both give the same images (tests/test_pipeline_parity.py).
+"""
+
+import random
+import warnings
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from nanodiffusion.diffusion.denoisers import Denoiser
+from nanodiffusion.diffusion.guidance import cfg_denoiser
+from nanodiffusion.diffusion.samplers import SAMPLERS, lcm_boundary_condition
+from nanodiffusion.diffusion.sampling_plan import SIGMA_SCHEDULES, final_latent, initial_noise_scale
+from nanodiffusion.diffusion.schedules import check_num_steps
+from nanodiffusion.errors import UserError
+from nanodiffusion.images import image_grid, to_pil
+from nanodiffusion.pipelines.img2img import (
+    ImageInput, img2img_sigmas, inpainting_denoiser, prepare_images, prepare_mask,
+)
+from nanodiffusion.pipelines.prompts import count_chunks, encode_prompts
+from nanodiffusion.pipelines.scheduling import DEFAULT_SAMPLER, SchedulerSettings, resolve_sampler
+from nanodiffusion.weights import load_sd
+from nanodiffusion.weights.components import SD15_SCHEDULER
+
+__all__ = ["TextToImage", "GenerationRequest", "TextToImageOutput", "image_grid", "resolve_sampler"]
+
+BUILTIN_MODELS = {"builtin": Path(__file__).resolve().parent.parent / "builtin" / "text_to_image"}
+OUTPUT_TYPES = ("pil", "np", "latent")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """The settings of one generation: with the model and the dtype they decide the images exactly.
+
+    `nanodiffusion generate` stores it as JSON in each PNG, so that `--from` can replay it.
+    """
+
+    prompt: str | list[str]
+    negative_prompt: str | list[str] | None = None
+    num_steps: int = 50
+    guidance_scale: float = 7.5          # classifier-free guidance w; 1: none, 0: unconditional
+    seed: int | None = None              # None: a random seed, recorded in the output
+    height: int | None = None            # None: the init image's size, else the model's (512 for SD v1.x)
+    width: int | None = None
+    num_images_per_prompt: int = 1
+    sampler: str = DEFAULT_SAMPLER       # a key of SAMPLERS or an alias (scheduling.SAMPLER_ALIASES)
+    sigma_schedule: str = "default"      # "default" (the scheduler's timesteps), "karras" or "exponential"
+    strength: float = 0.8                # img2img and inpainting only: the fraction of the steps run
+    clip_skip: int = 1                   # 2: the penultimate CLIP layer (A1111's "Clip skip")
+    emphasis: bool = True                # read A1111's (word:1.3) / [word] syntax in prompts
+
+    def __post_init__(self):
+        prompts = self.prompts
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise UserError("prompt must be a string or a non-empty list of strings")
+        negative = self.negative_prompt
+        if isinstance(negative, (list, tuple)) and len(negative) != len(prompts):
+            raise UserError(f"got {len(prompts)} prompts but {len(negative)} negative prompts: pass one "
+                            "negative prompt for all, or one per prompt")
+        check_num_steps(self.num_steps)
+        if not self.guidance_scale >= 0:
+            raise UserError(f"guidance scale must be >= 0, got {self.guidance_scale}")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 8 or value % 8):
+                raise UserError(f"{name} must be a positive multiple of 8, got {value!r}")
+        if not isinstance(self.num_images_per_prompt, int) or self.num_images_per_prompt < 1:
+            raise UserError(f"num_images_per_prompt must be >= 1, got {self.num_images_per_prompt!r}")
+        resolve_sampler(self.sampler)
+        if self.sigma_schedule not in SIGMA_SCHEDULES:
+            raise UserError(f"unknown sigma schedule {self.sigma_schedule!r}; "
+                            f"valid: {', '.join(SIGMA_SCHEDULES)}")
+        if not 0 <= self.strength <= 1:
+            raise UserError(f"strength must be between 0 and 1, got {self.strength}")
+        if not isinstance(self.clip_skip, int) or self.clip_skip < 1:
+            raise UserError(f"clip_skip must be an integer >= 1, got {self.clip_skip!r}")
+
+    @property
+    def prompts(self) -> list[str]:
+        """The prompt(s) as a list."""
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    @property
+    def negative_prompts(self) -> list[str]:
+        """One negative prompt per prompt ("" when there is none)."""
+        negative = self.negative_prompt
+        if negative is None or isinstance(negative, str):
+            return [negative or ""] * len(self.prompts)
+        return list(negative)
+
+    def to_dict(self) -> dict:
+        """The fields as a JSON-ready dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "GenerationRequest":
+        """Inverse of `to_dict`; unknown keys are a UserError."""
+        unknown = set(data) - {field.name for field in fields(cls)}
+        if unknown:
+            raise UserError(f"unknown generation settings: {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+
+@dataclass
+class TextToImageOutput:
+    """What a pipeline call returns: the images and the request as it ran."""
+
+    images: list | np.ndarray | torch.Tensor    # PIL images, (N, H, W, 3) floats in [0, 1], or latents
+    request: GenerationRequest                  # as run: seed, height and width filled in
+
+
+class TextToImage:
+    """`TextToImage(unet, vae, text_encoder, tokenizer, scheduler_config)` or `from_pretrained(path)`;
+    `pipe(prompt, ...)` returns a TextToImageOutput whose `.images` are PIL images by default.
+    """
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler_config: dict | None = None):
+        if unet.config.context_dim != text_encoder.config.hidden_size:
+            raise UserError(f"the UNet attends to {unet.config.context_dim}-wide text states but the text "
+                            f"encoder gives {text_encoder.config.hidden_size}")
+        if unet.config.in_channels != vae.config.latent_channels:
+            raise UserError(f"the UNet takes {unet.config.in_channels} channels but the VAE makes "
+                            f"{vae.config.latent_channels}-channel latents (9-channel inpainting UNets are "
+                            "not supported)")
+        self.unet, self.vae, self.text_encoder = unet.eval(), vae.eval(), text_encoder.eval()
+        self.tokenizer = tokenizer
+        self.scheduler_config = dict(scheduler_config or SD15_SCHEDULER)
+        self.schedule = SchedulerSettings.from_diffusers_config(self.scheduler_config)
+        self.denoiser = Denoiser(self._eps, self.schedule.alphas_cumprod, self.schedule.prediction)
+        self.show_progress = True
+
+    def _eps(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The UNet as the Denoiser calls it: latents stay float32 outside, the weights may be bf16/fp16."""
+        return self.unet(x.to(self.dtype), t, context)
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo: str | Path, *, dtype: torch.dtype | str = torch.float32,
+                        device: str | torch.device = "cpu", tokenizer=None) -> "TextToImage":
+        """Load a diffusers folder, a single-file checkpoint or a Hugging Face repo id (`load_sd`); a single
+        file holds no tokenizer, pass one (`CLIPTokenizer.from_pretrained(folder)`)."""
+        if str(path_or_repo) in BUILTIN_MODELS:
+            path_or_repo = BUILTIN_MODELS[str(path_or_repo)]
+            if not path_or_repo.exists():
+                raise UserError("the built-in text-to-image model is not shipped yet: pass a diffusers "
+                                "folder, a checkpoint file or a Hugging Face repo id")
+        parts = load_sd(path_or_repo, dtype=dtype, device=device, tokenizer=tokenizer)
+        if parts.tokenizer is None:
+            raise UserError(f"{path_or_repo} holds no tokenizer: pass "
+                            "tokenizer=CLIPTokenizer.from_pretrained(a CLIP tokenizer folder)")
+        return cls(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.scheduler_config)
+
+    @property
+    def device(self) -> torch.device:
+        """The UNet's device (where the networks are)."""
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The UNet's weight dtype (latents and sigmas stay float32)."""
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def vae_factor(self) -> int:
+        """Image pixels per latent pixel along a side (8 for SD)."""
+        return self.vae.config.downsample_factor
+
+    @property
+    def native_size(self) -> int:
+        """The image size the UNet was trained at (512 for SD v1.x)."""
+        size = self.unet.config.sample_size
+        return (size if isinstance(size, int) else size[0]) * self.vae_factor
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "TextToImage":
+        """Move (and cast) the three networks; returns the pipeline."""
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.to(device=device, dtype=dtype)
+        return self
+
+    def sigmas(self, sampler: str, num_steps: int, sigma_schedule: str = "default") -> torch.Tensor:
+        """The float64 sigma grid of `sampler` (see SchedulerSettings.sigmas)."""
+        return self.schedule.sigmas(sampler, num_steps, sigma_schedule)
+
+    def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
+                 generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
+                 image: ImageInput | None = None, mask_image: ImageInput | None = None,
+                 output_type: str = "pil", callback=None, num_inference_steps: int | None = None,
+                 **settings) -> TextToImageOutput:
+        """Generate images; `settings` are GenerationRequest fields (guidance_scale, seed, height, ...).
+
+        `num_inference_steps` is diffusers' name for `num_steps`; the other arguments are `generate`'s.
+        """
+        if num_inference_steps is not None:
+            if "num_steps" in settings:
+                raise UserError("pass num_steps or num_inference_steps, not both")
+            settings["num_steps"] = num_inference_steps
+        unknown = set(settings) - {field.name for field in fields(GenerationRequest)}
+        if unknown:
+            raise UserError(f"unknown generation settings: {', '.join(sorted(unknown))}")
+        request = GenerationRequest(prompt, negative_prompt, **settings)
+        return self.generate(request, generator=generator, latents=latents, image=image,
+                             mask_image=mask_image, output_type=output_type, callback=callback)
+
+    @torch.no_grad()
+    def generate(self, request: GenerationRequest, *, generator: torch.Generator | None = None,
+                 latents: torch.Tensor | None = None, image: ImageInput | None = None,
+                 mask_image: ImageInput | None = None, output_type: str = "pil",
+                 callback=None) -> TextToImageOutput:
+        """Run `request`. `latents`: the start noise, N(0, I) of shape (N, 4, H/8, W/8), instead of a draw;
+        `image`: init image(s) for img2img, one or one per prompt; `mask_image`: repaint where it is white;
+        `callback(i, x, denoised)` runs after each step (`decode_latents(denoised)` previews it).
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise UserError(f"unknown output_type {output_type!r}; valid: {', '.join(OUTPUT_TYPES)}")
+        if mask_image is not None and image is None:
+            raise UserError("mask_image needs the image to inpaint: pass image= too")
+        init_images = prepare_images(image) if image is not None else None
+        request, generator = self._settle(request, generator, init_images)
+        sampler = resolve_sampler(request.sampler)
+        model = self._guided_denoiser(request)
+        sigmas = self.sigmas(sampler, request.num_steps, request.sigma_schedule)
+        if init_images is None:
+            noise = self._noise(request, generator, latents)
+            x = noise * initial_noise_scale(sampler, sigmas, spacing=self.schedule.spacing)
+        else:
+            original = self._init_latents(init_images, request, generator)       # drawn first, as diffusers
+            noise = self._noise(request, generator, latents)
+            sigmas = img2img_sigmas(sigmas, request.strength)
+            x = original + noise * float(sigmas[0])
+            if mask_image is not None:
+                mask = prepare_mask(mask_image, request.height, request.width, self.vae_factor)
+                mask = mask.to(self.device)
+                model = inpainting_denoiser(model, original, noise, mask)
+        x = self._sample(sampler, model, x, sigmas, generator, callback)
+        x = final_latent(sampler, x, sigmas)
+        if mask_image is not None:
+            x = mask * x + (1 - mask) * original              # DDIM and PLMS end above sigma = 0
+        return TextToImageOutput(self._postprocess(x, output_type), request)
+
+    def _settle(self, request: GenerationRequest, generator, init_images):
+        """Fill in the size and the seed; return the request and the generator to draw from."""
+        if init_images is not None:
+            height, width = init_images.shape[2:]
+            if height % 8 or width % 8:
+                raise UserError(f"the init image is {width}x{height}: its sides must be multiples of 8 "
+                                "(resize or crop it first)")
+            asked = (request.width or width, request.height or height)
+            if asked != (width, height):
+                raise UserError(f"the init image is {width}x{height} but the request asks for "
+                                f"{asked[0]}x{asked[1]}")
+            if len(init_images) not in (1, len(request.prompts)):
+                raise UserError(f"pass one init image or one per prompt ({len(request.prompts)}), "
+                                f"got {len(init_images)}")
+        else:
+            height, width = request.height or self.native_size, request.width or self.native_size
+        if generator is not None and request.seed is not None:
+            raise UserError("pass seed or generator, not both")
+        if generator is None:
+            seed = request.seed if request.seed is not None else random.randrange(2**32)
+            generator = torch.Generator().manual_seed(seed)
+            request = replace(request, seed=seed)
+        return replace(request, height=height, width=width), generator
+
+    def encode_prompt(self, prompts: list[str], negative_prompts: list[str] | None = None, *,
+                      clip_skip: int = 1, emphasis: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """CLIP states (B, 77·K, D) of the prompts and, if given, of the negative prompts, in the UNet's
+        dtype; both sides are padded to the same number K of 77-token chunks, encoded in one call."""
+        texts = prompts + (negative_prompts or [])
+        num_chunks = max(count_chunks(self.tokenizer, text, emphasis=emphasis) for text in texts)
+        states = encode_prompts(self.text_encoder, self.tokenizer, texts, num_chunks=num_chunks,
+                                clip_skip=clip_skip, emphasis=emphasis).to(self.dtype)
+        return states[:len(prompts)], (states[len(prompts):] if negative_prompts else None)
+
+    def _guided_denoiser(self, request: GenerationRequest):
+        """D(x, sigma) for the whole batch: each prompt repeated per image, classifier-free guidance as one
+        batched UNet call (none at guidance 1)."""
+        guided = request.guidance_scale != 1
+        cond, uncond = self.encode_prompt(request.prompts, request.negative_prompts if guided else None,
+                                          clip_skip=request.clip_skip, emphasis=request.emphasis)
+        n = request.num_images_per_prompt
+        cond = {"context": cond.repeat_interleave(n, dim=0)}                     # (N, 77·K, D)
+        uncond = {"context": uncond.repeat_interleave(n, dim=0)} if guided else None
+        model = cfg_denoiser(self.denoiser, cond, uncond, request.guidance_scale)
+        if resolve_sampler(request.sampler) == "lcm":
+            model = lcm_boundary_condition(model, self.schedule.alphas_cumprod)
+        return model
+
+    def _latent_shape(self, request: GenerationRequest) -> tuple[int, int, int, int]:
+        batch = len(request.prompts) * request.num_images_per_prompt
+        f = self.vae_factor
+        return batch, self.vae.config.latent_channels, request.height // f, request.width // f
+
+    def _noise(self, request: GenerationRequest, generator: torch.Generator, latents) -> torch.Tensor:
+        """The start noise N(0, I), drawn in float32 on the generator's device (the CPU by default)."""
+        shape = self._latent_shape(request)
+        if latents is not None:
+            if tuple(latents.shape) != shape:
+                raise UserError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+            return latents.to(self.device, torch.float32)
+        return torch.randn(shape, generator=generator, device=generator.device).to(self.device)
+
+    def _init_latents(self, images: torch.Tensor, request: GenerationRequest, generator) -> torch.Tensor:
+        """Scaled latents of the init images, one posterior draw each, repeated for each output image."""
+        vae_dtype = next(self.vae.parameters()).dtype
+        posterior = self.vae.encode(images.to(self.device, vae_dtype))
+        # posterior.sample(generator) would draw on the VAE's device; we draw on the generator's (portable)
+        draw = torch.randn(posterior.mean.shape, generator=generator, device=generator.device)
+        latents = (posterior.mean + posterior.std * draw.to(self.device, vae_dtype)).float()
+        latents = latents * self.vae.config.scaling_factor
+        return latents.repeat_interleave(self._latent_shape(request)[0] // len(latents), dim=0)
+
+    def _sample(self, sampler: str, model, x, sigmas, generator, callback) -> torch.Tensor:
+        bar = tqdm(total=len(sigmas) - 1, desc="sampling", disable=not self.show_progress, leave=False)
+
+        def step(i, x_i, denoised):
+            bar.update(1)
+            if callback is not None:
+                callback(i, x_i, denoised)
+
+        x = SAMPLERS[sampler](model, x, sigmas, generator=generator, callback=step)
+        bar.close()
+        return x
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in about [-1, 1], float32, from scaled latents (B, 4, h, w).
+
+        NaNs from a float16 VAE (it overflows on some latents) are reported and the VAE is upcast to float32.
+        """
+        z = latents / self.vae.config.scaling_factor
+        vae_dtype = next(self.vae.parameters()).dtype
+        images = self.vae.decode(z.to(self.device, vae_dtype)).float()
+        if not images.isfinite().all() and vae_dtype != torch.float32:
+            warnings.warn(f"the VAE overflowed in {vae_dtype} (NaN pixels): decoding in float32 from now on",
+                          stacklevel=2)
+            self.vae.float()
+            images = self.vae.decode(z.to(self.device, torch.float32))
+        if not images.isfinite().all():
+            raise UserError("the image has NaN pixels: the UNet overflowed (try dtype bfloat16 or float32)"
+                            if not latents.isfinite().all() else "the VAE produced NaN pixels")
+        return images
+
+    def _postprocess(self, latents: torch.Tensor, output_type: str):
+        if output_type == "latent":
+            return latents
+        images = self.decode_latents(latents)
+        if output_type == "np":
+            return (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()     # (N, H, W, 3)
+        return to_pil(images)

@@ -1,0 +1,162 @@
+"""Load and save a diffusers Stable Diffusion folder: model_index.json plus one subfolder per component.
+
+    model_index.json
+    unet/config.json           unet/diffusion_pytorch_model[.fp16].safetensors
+    vae/config.json            vae/diffusion_pytorch_model[.fp16].safetensors
+    text_encoder/config.json   text_encoder/model[.fp16].safetensors
+    tokenizer/                 vocab.json, merges.txt (or tokenizer.json), special tokens
+    scheduler/scheduler_config.json
+
+Our module names are diffusers' and transformers', so loading is: config.json into our dataclass, a strict
+key and shape check, and the file's tensors assigned in place (see `components.materialize`).
+"""
+
+import json
+from pathlib import Path
+
+import torch
+
+from nanodiffusion.atomic import atomic_write
+from nanodiffusion.errors import UserError
+from nanodiffusion.nets.clip_text import CLIPTextConfig
+from nanodiffusion.nets.sd_unet import SDUNetConfig
+from nanodiffusion.nets.vae import VAEConfig
+from nanodiffusion.tokenizer import CLIPTokenizer
+from nanodiffusion.weights.components import SDComponents, materialize
+from nanodiffusion.weights.original_keys import DEPRECATED_VAE_ATTENTION, IGNORED_DIFFUSERS_KEYS
+from nanodiffusion.weights.safe_load import read_pickle, read_safetensors, sniff, write_safetensors
+
+WEIGHT_NAMES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+CONFIG_READERS = {"unet": SDUNetConfig.from_diffusers_config, "vae": VAEConfig.from_diffusers_config,
+                  "text_encoder": CLIPTextConfig.from_transformers_config}
+LIBRARIES = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),
+             "text_encoder": ("transformers", "CLIPTextModel"),
+             "tokenizer": ("transformers", "CLIPTokenizer")}
+PIPELINE_CLASS = "StableDiffusionPipeline"
+
+
+def weight_files(folder: Path, base: str, variant: str | None) -> list[Path]:
+    """The weight file(s) of one component, safetensors first: one file, the shards of an index, or a .bin."""
+    suffix = f".{variant}" if variant else ""
+    single = folder / f"{base}{suffix}.safetensors"
+    index = folder / f"{base}.safetensors.index{suffix}.json"
+    legacy = folder / f"{base}{suffix}.bin"
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [folder / name for name in sorted(set(weight_map.values()))]
+    if legacy.is_file():
+        return [legacy]
+    present = sorted(p.name for p in folder.glob("*") if p.suffix in (".safetensors", ".bin"))
+    hint = (f"; found {', '.join(present)}" + ("" if variant else " (pass variant=... for a variant file)")
+            if present else "")
+    raise UserError(f"no {single.name} in {folder}{hint}")
+
+
+def read_component(folder: Path, component: str, variant: str | None) -> dict[str, torch.Tensor]:
+    """The component's tensors (memory-mapped) under our key names."""
+    tensors = {}
+    for path in weight_files(folder, WEIGHT_NAMES[component], variant):
+        # a diffusers .bin is read with weights_only=True, which only rebuilds tensors and plain containers
+        tensors.update(read_safetensors(path)[0] if sniff(path) == "safetensors" else read_pickle(path))
+    if component == "text_encoder" and not any(key.startswith("text_model.") for key in tensors):
+        # transformers >= 5 writes CLIPTextModel keys without `text_model.`; published files have it
+        tensors = {f"text_model.{key}": value for key, value in tensors.items()}
+    ignored = IGNORED_DIFFUSERS_KEYS.get(component, frozenset())
+    tensors = {key: value for key, value in tensors.items() if key not in ignored}
+    if component == "vae":
+        tensors = {_modern_vae_name(key): value for key, value in tensors.items()}
+    return tensors
+
+
+def _modern_vae_name(key: str) -> str:
+    module, _, leaf = key.rpartition(".")
+    parent, _, name = module.rpartition(".")
+    if ".mid_block.attentions." in module and name in DEPRECATED_VAE_ATTENTION:
+        return f"{parent}.{DEPRECATED_VAE_ATTENTION[name]}.{leaf}"
+    return key
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`, with a clear error when it is missing or malformed."""
+    if not path.is_file():
+        raise UserError(f"missing {path}: not a complete diffusers folder")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a JSON object")
+    return data
+
+
+def read_tokenizer(folder: Path) -> CLIPTokenizer:
+    """The CLIP tokenizer of `folder`: vocab.json + merges.txt, or only tokenizer.json (transformers >= 5)."""
+    if (folder / "vocab.json").is_file() or not (folder / "tokenizer.json").is_file():
+        return CLIPTokenizer.from_pretrained(folder)
+    model = read_json(folder / "tokenizer.json").get("model", {})
+    if model.get("type") != "BPE":
+        raise UserError(f"{folder / 'tokenizer.json'} does not hold a BPE tokenizer")
+    merges = [tuple(pair) if isinstance(pair, list) else tuple(pair.split(" ")) for pair in model["merges"]]
+    specials = {}
+    if (folder / "tokenizer_config.json").is_file():
+        stored = read_json(folder / "tokenizer_config.json")
+        specials = {name: value["content"] if isinstance(value, dict) else value
+                    for name, value in stored.items()
+                    if name in ("bos_token", "eos_token", "pad_token", "unk_token") and value}
+    return CLIPTokenizer(model["vocab"], merges, **specials)
+
+
+def load_diffusers(folder: str | Path, *, dtype: torch.dtype = torch.float32,
+                   device: str | torch.device = "cpu", variant: str | None = None) -> SDComponents:
+    """Load a diffusers SD v1.x folder into our networks, tokenizer and config dicts."""
+    folder = Path(folder)
+    model_index = read_json(folder / "model_index.json")
+    if model_index.get("_class_name", PIPELINE_CLASS) != PIPELINE_CLASS:
+        raise UserError(f"{folder} holds a {model_index['_class_name']}; only {PIPELINE_CLASS} folders "
+                        "(SD v1.x text-to-image) are supported")
+    networks = {}
+    for component, read_config in CONFIG_READERS.items():
+        config = read_config(read_json(folder / component / "config.json"))
+        state = read_component(folder / component, component, variant)
+        networks[component] = materialize(component, config, state, dtype=dtype, device=device,
+                                          what=f"{folder / component}")
+    return SDComponents(**networks, tokenizer=read_tokenizer(folder / "tokenizer"),
+                        scheduler_config=read_json(folder / "scheduler" / "scheduler_config.json"),
+                        model_index=model_index)
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write `data` as indented JSON, atomically."""
+    with atomic_write(path) as file:
+        file.write((json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+
+def save_diffusers(components: SDComponents, folder: str | Path, *, variant: str | None = None) -> None:
+    """Write `components` as a diffusers folder that `StableDiffusionPipeline.from_pretrained` loads.
+
+    Weights are written in their current dtype (`variant="fp16"` names the files `*.fp16.safetensors`);
+    model_index.json comes last, so an interrupted save does not look like a complete folder.
+    """
+    if components.tokenizer is None:
+        raise UserError("these components have no tokenizer (a single file holds none): load one with "
+                        "CLIPTokenizer.from_pretrained(folder) and set components.tokenizer "
+                        "(CLI: --tokenizer)")
+    folder = Path(folder)
+    suffix = f".{variant}" if variant else ""
+    configs = {"unet": components.unet.config.to_diffusers_config(),
+               "vae": components.vae.config.to_diffusers_config(),
+               "text_encoder": components.text_encoder.config.to_transformers_config()}
+    for component, network in components.networks().items():
+        write_json(folder / component / "config.json", configs[component])
+        weights = folder / component / f"{WEIGHT_NAMES[component]}{suffix}.safetensors"
+        write_safetensors(network.state_dict(), weights, metadata={"format": "pt"})
+    components.tokenizer.save_pretrained(folder / "tokenizer")
+    scheduler = components.scheduler_config
+    write_json(folder / "scheduler" / "scheduler_config.json", scheduler)
+    write_json(folder / "model_index.json", {
+        "_class_name": PIPELINE_CLASS, **{name: list(library) for name, library in LIBRARIES.items()},
+        "scheduler": ["diffusers", scheduler.get("_class_name", "PNDMScheduler")],
+        "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False,
+    })
