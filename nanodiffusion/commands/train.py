@@ -23,6 +23,10 @@ def add_arguments(p) -> None:
     model.add_argument("--preset", default="default", choices=list(UNET_PRESETS), help="UNet preset")
     model.add_argument("--model-channels", type=int, help="override the preset's base width")
     model.add_argument("--channel-mult", type=int, nargs="+", help="override the preset's width multipliers")
+    model.add_argument("--num-res-blocks", type=int, help="override the preset's ResBlocks per level")
+    model.add_argument("--attention-levels", type=int, nargs="*", help="override the levels with self-attention")
+    model.add_argument("--norm-groups", type=int, help="override the preset's GroupNorm groups")
+    model.add_argument("--dropout", type=float, help="override the preset's dropout")
     model.add_argument("--unconditional", action="store_true", help="ignore class labels")
     model.add_argument("--schedule", default="linear", choices=list(SCHEDULE_DEFAULTS), help="noise schedule")
     model.add_argument("--timesteps", type=int, default=1000, help="number of diffusion steps T")
@@ -40,6 +44,8 @@ def add_arguments(p) -> None:
                        help="probability of dropping the label (null class), for classifier-free guidance")
     train.add_argument("--min-snr-gamma", type=float, help="min-SNR loss weighting (e.g. 5); off by default")
     train.add_argument("--bf16", action="store_true", help="bf16 autocast (fast on AVX-512-BF16/AMX CPUs)")
+    train.add_argument("--channels-last", action="store_true",
+                       help="channels-last memory format (faster convs, but slower GroupNorm on CPU)")
     train.add_argument("--seed", type=int, default=defaults.seed)
     train.add_argument("--save-every", type=int, default=0, help="also save `last` every N steps")
     train.add_argument("--sample-every", type=int, default=0, help="write a sample grid every N epochs")
@@ -54,10 +60,11 @@ def unet_config_for(args, dataset):
                "image_size": dataset.image_size}
     if preset.arch == "resnet":
         changes["num_classes"] = None if args.unconditional or not dataset.num_classes else dataset.num_classes
-    if args.model_channels:
-        changes["model_channels"] = args.model_channels
-    if args.channel_mult:
-        changes["channel_mult"] = tuple(args.channel_mult)
+    overrides = {"model_channels": args.model_channels, "num_res_blocks": args.num_res_blocks,
+                 "norm_groups": args.norm_groups, "dropout": args.dropout,
+                 "channel_mult": tuple(args.channel_mult) if args.channel_mult else None,
+                 "attention_levels": tuple(args.attention_levels) if args.attention_levels is not None else None}
+    changes |= {k: v for k, v in overrides.items() if v is not None}
     return dataclasses.replace(preset, **changes)
 
 
@@ -68,7 +75,8 @@ def run(args) -> None:
     config = TrainConfig(out_dir=args.out_dir, epochs=args.epochs, max_steps=args.max_steps,
                          batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
                          ema_decay=args.ema_decay, prediction=args.prediction, min_snr_gamma=args.min_snr_gamma,
-                         label_dropout=args.label_dropout, bf16=args.bf16, seed=args.seed,
+                         label_dropout=args.label_dropout, bf16=args.bf16, channels_last=args.channels_last,
+                         seed=args.seed,
                          save_every_steps=args.save_every, sample_every_epochs=args.sample_every)
     trainer = DDPMTrainer(config, unet_config_for(args, dataset), ScheduleConfig(args.schedule, args.timesteps),
                           dataset)

@@ -1,15 +1,21 @@
 """Building blocks of the pixel-space DDPM UNet: ResNet block, self-attention, down- and upsampling.
 
+`Downsample` and `Upsample` are shared with the SD UNet and the VAE (same diffusers names there).
+
 Submodule names follow diffusers' `ResnetBlock2D`, `Attention`, `Downsample2D` and `Upsample2D`, so a
-diffusers `UNet2DModel` state dict maps onto ours key for key. Every block works on channels_last tensors
-without copies, and under bf16 autocast (CPU GroupNorm accumulates its statistics in fp32).
+diffusers `UNet2DModel` state dict maps onto ours key for key. Every block runs on contiguous or channels_last
+tensors and under bf16 autocast (CPU GroupNorm accumulates its statistics in fp32). On a CPU, contiguous
+tensors train faster here: PyTorch's channels_last GroupNorm kernel is several times slower than its NCHW one.
 """
+
+import contextlib
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-NORM_EPS = 1e-5                                             # GroupNorm epsilon of DDPM and diffusers' UNet2DModel
+NORM_EPS = 1e-5                                   # GroupNorm epsilon of DDPM and of diffusers' UNet2DModel
 
 
 class ResnetBlock(nn.Module):
@@ -36,7 +42,7 @@ class ResnetBlock(nn.Module):
         nn.init.zeros_(self.conv2.bias)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        """`x` is (B, C_in, H, W); `emb` is the SiLU-activated (B, embed_dim) embedding shared by all blocks."""
+        """`x` is (B, C_in, H, W); `emb` the SiLU-activated (B, embed_dim) embedding shared by all blocks."""
         h = self.conv1(F.silu(self.norm1(x)))
         emb = self.time_emb_proj(emb)[:, :, None, None]       # (B, C_out or 2*C_out, 1, 1)
         if self.scale_shift:
@@ -50,10 +56,10 @@ class ResnetBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """Residual multi-head self-attention over the H·W positions of a GroupNorm-ed map (Ho et al. 2020, App. B).
+    """Residual multi-head self-attention over the H·W positions of a GroupNorm-ed map (Ho et al. 2020).
 
     Linear q/k/v/out projections under diffusers' names (`to_q`, ..., `to_out.0`); the attention itself is
-    `F.scaled_dot_product_attention`, whose CPU kernel keeps the softmax in fp32 under bf16 autocast.
+    `F.scaled_dot_product_attention`, pinned to its math backend on CPU (fp32 softmax under bf16 autocast).
     """
 
     def __init__(self, channels: int, num_heads: int, *, norm_groups: int):
@@ -75,7 +81,11 @@ class AttentionBlock(nn.Module):
         head_shape = (batch, height * width, self.num_heads, channels // self.num_heads)
         q, k, v = (proj(h).view(head_shape).transpose(1, 2)          # (B, heads, H*W, head_dim)
                    for proj in (self.to_q, self.to_k, self.to_v))
-        h = F.scaled_dot_product_attention(q, k, v)                  # (B, heads, H*W, head_dim)
+        # On CPU the flash kernel's backward is 3-6x slower than the math one for such short sequences
+        # (measured: 84 vs 29 ms for 128 x 4 heads x 49 tokens x 16 dims, bf16, one core).
+        backend = sdpa_kernel(SDPBackend.MATH) if x.is_cpu else contextlib.nullcontext()
+        with backend:
+            h = F.scaled_dot_product_attention(q, k, v)              # (B, heads, H*W, head_dim)
         h = self.to_out[0](h.transpose(1, 2).reshape(batch, height * width, channels))   # (B, H*W, C)
         return x + h.view(batch, height, width, channels).permute(0, 3, 1, 2)   # (B, C, H, W), NHWC strides
 

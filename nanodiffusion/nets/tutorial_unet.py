@@ -2,7 +2,8 @@
 
 Architecture of B. Pulfer, "Generating images with DDPM: a PyTorch implementation" (2022), written anew and
 generalised from its fixed 28×28 / 10-20-40 layout to `DDPMUNetConfig` fields. Every level is a stage of
-plain conv blocks (no residuals, no attention); each stage adds its own time-embedding MLP output to its input.
+plain conv blocks (no residuals, no attention); each stage adds its own time-embedding MLP output to its
+input.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class TutorialBlock(nn.Module):
 
 
 class TutorialStage(nn.Module):
-    """Blocks with widths `channels[0] → channels[1] → ...`, after adding a per-stage time MLP to the input."""
+    """Blocks of widths `channels[0] → channels[1] → ...`, after adding a per-stage time MLP to the input."""
 
     def __init__(self, channels: list[int], size: int, embed_dim: int, *, normalize_last: bool = True):
         super().__init__()
@@ -61,7 +62,7 @@ class TutorialStage(nn.Module):
 
 
 def _downsample(channels: int, size: int) -> nn.Module:
-    """4×4 stride-2 conv; an odd side first goes through a 2×2 conv and SiLU (7 → 6 → 3), as in the tutorial."""
+    """4×4 stride-2 conv; an odd side first goes through a 2×2 conv and SiLU (7 → 6 → 3), as the tutorial."""
     halve = nn.Conv2d(channels, channels, 4, stride=2, padding=1)
     if size % 2 == 0:
         return halve
@@ -79,9 +80,10 @@ def _upsample(channels: int, size: int) -> nn.Module:
 class TutorialUNet(nn.Module):
     """The tutorial's UNet: returns a (B, out_channels, H, W) prediction; runs only at `config.image_size`.
 
-    Each stage has `num_res_blocks` blocks. Going down a stage widens to its level width; the bottleneck narrows
-    to half and back; going up, a stage takes [skip, upsampled] and ends at the next level's width. With the
-    TUTORIAL_UNET preset this is the tutorial's net: widths 10/20/40, 3 blocks a stage, a 100-wide sinusoid.
+    Each stage has `num_res_blocks` blocks. Going down, a stage widens to its level width; the bottleneck
+    narrows to half and back; going up, a stage takes [skip, upsampled] and ends at the next level's width.
+    With the TUTORIAL_UNET preset this is the tutorial's net: widths 10/20/40, 3 blocks a stage, a 100-wide
+    sinusoid.
     """
 
     def __init__(self, config: DDPMUNetConfig):
@@ -99,7 +101,8 @@ class TutorialUNet(nn.Module):
             self.downsamplers.append(_downsample(width, sizes[level]))
 
         bottom = widths[-1]
-        self.mid_stage = TutorialStage([bottom] + [bottom // 2] * (blocks - 1) + [bottom], sizes[-1], embed_dim)
+        mid_channels = [bottom] + [bottom // 2] * (blocks - 1) + [bottom]       # 40 → 20 → 20 → 40
+        self.mid_stage = TutorialStage(mid_channels, sizes[-1], embed_dim)
 
         self.upsamplers = nn.ModuleList()                     # deepest level first
         self.up_stages = nn.ModuleList()
