@@ -102,7 +102,9 @@ class DDPMTrainer:
         B = x0.shape[0]
         t = torch.randint(0, self.schedule.num_timesteps, (B,), generator=g)
         noise = torch.randn(x0.shape, generator=g)
-        if labels is not None and self.model.config.num_classes:
+        if not self.model.config.num_classes:
+            labels = None                                  # an unconditional model ignores the dataset's labels
+        elif labels is not None:
             drop = torch.rand(B, generator=g) < cfg.label_dropout
             labels = torch.where(drop, torch.full_like(labels, self.model.null_class), labels)
         x_t = q_sample(x0, t, noise, self.alphas_cumprod)
