@@ -39,6 +39,8 @@ def add_arguments(p) -> None:
     train.add_argument("--batch-size", type=int, default=defaults.batch_size)
     train.add_argument("--lr", type=float, default=defaults.lr, help="AdamW learning rate")
     train.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
+    train.add_argument("--lr-schedule", default=defaults.lr_schedule, choices=("constant", "cosine"),
+                       help="learning rate after warm-up: constant, or cosine decay to 10 %% at the end")
     train.add_argument("--ema-decay", type=float, default=defaults.ema_decay)
     train.add_argument("--label-dropout", type=float, default=defaults.label_dropout,
                        help="probability of dropping the label (null class), for classifier-free guidance")
@@ -74,6 +76,7 @@ def run(args) -> None:
                            data_dir=args.data_dir)
     config = TrainConfig(out_dir=args.out_dir, epochs=args.epochs, max_steps=args.max_steps,
                          batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
+                         lr_schedule=args.lr_schedule,
                          ema_decay=args.ema_decay, prediction=args.prediction, min_snr_gamma=args.min_snr_gamma,
                          label_dropout=args.label_dropout, bf16=args.bf16, channels_last=args.channels_last,
                          seed=args.seed,

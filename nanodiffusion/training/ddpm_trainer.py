@@ -34,6 +34,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 100
+    lr_schedule: str = "constant"         # "constant" or "cosine" (decays to 10 % of lr by the last step)
     ema_decay: float = 0.999
     prediction: str = "epsilon"
     min_snr_gamma: float | None = None    # Hang et al. 2023; None = the simple unweighted loss
@@ -52,6 +53,8 @@ class TrainConfig:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise UserError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise UserError(f"unknown learning-rate schedule {self.lr_schedule!r}; valid: constant, cosine")
         if not 0 <= self.label_dropout < 1:
             raise UserError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
 
@@ -92,9 +95,19 @@ class DDPMTrainer:
     def steps_per_epoch(self) -> int:
         return math.ceil(len(self.dataset.images) / self.config.batch_size)
 
+    @property
+    def total_steps(self) -> int:
+        return self.config.max_steps or self.config.epochs * self.steps_per_epoch
+
     def _learning_rate(self) -> float:
-        warmup = self.config.warmup_steps
-        return self.config.lr * min(1.0, (self.state.step + 1) / warmup) if warmup else self.config.lr
+        """Linear warm-up, then constant or cosine decay to 10 % of the peak at the last step."""
+        cfg, step = self.config, self.state.step
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return cfg.lr * (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "constant":
+            return cfg.lr
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, self.total_steps - cfg.warmup_steps))
+        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
     def train_step(self, x0: torch.Tensor, labels: torch.Tensor | None) -> float:
         """One optimizer step of Algorithm 1 on a batch x0 in [-1, 1]; returns the loss."""
@@ -193,6 +206,7 @@ class DDPMTrainer:
         meta = model_metadata(self.unet_config, self.schedule, self.config.prediction, self.dataset)
         state = {k: v for k, v in asdict(st).items() if k != "losses"}
         state["best_loss"] = None if math.isinf(st.best_loss) else st.best_loss   # strict JSON has no inf
+        state["ema_updates"] = self.ema.num_updates
         meta |= {"train": asdict(self.config), "optimizer": opt_meta, "state": state}
         path = self.out_dir / f"{name}.safetensors"
         save_checkpoint(path, tensors, meta)
@@ -211,7 +225,8 @@ class DDPMTrainer:
         self.generator.set_state(tensors["rng.generator"])
         self.epoch_generator_state = tensors["rng.epoch_generator"]
         torch.set_rng_state(tensors["rng.torch"])
-        saved = meta["state"]
+        saved = dict(meta["state"])
+        self.ema.num_updates = saved.pop("ema_updates", saved["step"])
         best = saved["best_loss"]
         self.state = TrainState(**{**saved, "best_loss": math.inf if best is None else best})
 
