@@ -5,16 +5,19 @@ import importlib
 import sys
 
 from nanodiffusion import __version__
+from nanodiffusion.commands.train import DEFAULT_STAGE
 from nanodiffusion.errors import UserError
 
 COMMANDS = {            # name -> module in nanodiffusion.commands providing `add_arguments(parser)` and `run(args)`
     "train": "train",
     "sample": "sample",
+    "export": "export",
     "forward": "forward",
     "convert": "convert",
     "eval": "eval",
     "generate": "generate",
     "info": "info",
+    "serve": "serve",
 }
 
 
@@ -32,9 +35,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def with_default_stage(argv: list[str]) -> list[str]:
+    """`train` followed by an option or by nothing means `train ddpm` (the command line before stages)."""
+    first_option = len(argv) > 1 and argv[1].startswith("-") and argv[1] not in ("-h", "--help")
+    if argv[:1] == ["train"] and (len(argv) == 1 or first_option):
+        return ["train", DEFAULT_STAGE, *argv[1:]]
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user mistakes print `error: ...` and exit with status 2, never a stack trace."""
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(with_default_stage(list(sys.argv[1:] if argv is None else argv)))
     try:
         args.run(args)
     except UserError as e:

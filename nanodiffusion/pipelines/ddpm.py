@@ -16,7 +16,7 @@ from nanodiffusion.diffusion.schedules import (
 from nanodiffusion.errors import UserError
 from nanodiffusion.images import image_grid, save_gif, save_png, to_pil
 from nanodiffusion.nets.ddpm_unet import DDPMUNet, DDPMUNetConfig
-from nanodiffusion.training.checkpoint import load_checkpoint, unprefixed
+from nanodiffusion.training.checkpoint import load_checkpoint, save_checkpoint, unprefixed
 
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "builtin"
 BUILTIN_MODELS = {"fashion-mnist": BUILTIN_DIR / "fashion_mnist_ddpm.safetensors"}
@@ -53,6 +53,15 @@ class DDPMPipeline:
         prefix = "ema" if use_ema and any(k.startswith("ema.") for k in tensors) else "model"
         unet.load_state_dict({k: v.float() for k, v in unprefixed(prefix, tensors).items()})
         return cls(unet, ScheduleConfig.from_dict(meta["schedule"]), meta["prediction"], meta.get("class_names"))
+
+    def save_pretrained(self, path: str | Path, *, dtype: torch.dtype = torch.float32, notes: dict | None = None) -> None:
+        """Write a model-only checkpoint (the UNet's current weights and the config, no training state)."""
+        from nanodiffusion.training.ddpm_trainer import model_metadata
+        meta = model_metadata(self.unet.config, self.schedule, self.denoiser.prediction, class_names=self.class_names)
+        if notes:
+            meta["notes"] = notes
+        tensors = {f"model.{k}": v.to(dtype) for k, v in self.unet.state_dict().items()}
+        save_checkpoint(path, tensors, meta)
 
     @property
     def num_classes(self) -> int:

@@ -1,0 +1,74 @@
+"""Train a pixel-space DDPM model from scratch (MNIST, Fashion-MNIST or a folder of images)."""
+
+import dataclasses
+from pathlib import Path
+
+from nanodiffusion.commands.train_options import (
+    add_data_arguments, add_loop_arguments, loop_settings, resume_if_asked, say,
+)
+from nanodiffusion.data.datasets import load_dataset
+from nanodiffusion.diffusion.forward import PREDICTION_TYPES
+from nanodiffusion.diffusion.schedules import SCHEDULE_DEFAULTS, ScheduleConfig
+from nanodiffusion.nets.ddpm_unet import UNET_PRESETS
+from nanodiffusion.training.ddpm_trainer import DDPMTrainer, TrainConfig
+
+HELP = "a pixel-space DDPM model, from scratch"
+
+
+def add_arguments(p) -> None:
+    add_data_arguments(p, datasets="mnist, fashion-mnist or a folder of images", image_size=None)
+    model = p.add_argument_group("model")
+    model.add_argument("--preset", default="default", choices=list(UNET_PRESETS), help="UNet preset")
+    model.add_argument("--model-channels", type=int, help="override the preset's base width")
+    model.add_argument("--channel-mult", type=int, nargs="+", help="override the preset's width multipliers")
+    model.add_argument("--num-res-blocks", type=int, help="override the preset's ResBlocks per level")
+    model.add_argument("--attention-levels", type=int, nargs="*", help="override the levels with self-attention")
+    model.add_argument("--norm-groups", type=int, help="override the preset's GroupNorm groups")
+    model.add_argument("--dropout", type=float, help="override the preset's dropout")
+    model.add_argument("--unconditional", action="store_true", help="ignore class labels")
+    model.add_argument("--schedule", default="linear", choices=list(SCHEDULE_DEFAULTS), help="noise schedule")
+    model.add_argument("--timesteps", type=int, default=1000, help="number of diffusion steps T")
+    model.add_argument("--prediction", default="epsilon", choices=PREDICTION_TYPES, help="what the UNet predicts")
+    defaults = TrainConfig()
+    train = add_loop_arguments(p, defaults)
+    train.add_argument("--ema-decay", type=float, default=defaults.ema_decay)
+    train.add_argument("--label-dropout", type=float, default=defaults.label_dropout,
+                       help="probability of dropping the label (null class), for classifier-free guidance")
+    train.add_argument("--min-snr-gamma", type=float, help="min-SNR loss weighting (e.g. 5); off by default")
+    train.add_argument("--channels-last", action="store_true",
+                       help="channels-last memory format (faster convs, but slower GroupNorm on CPU)")
+
+
+def unet_config_for(args, dataset):
+    """The preset with the dataset's channels, size and classes, and the command line's overrides."""
+    preset = UNET_PRESETS[args.preset]
+    changes = {"in_channels": dataset.channels, "out_channels": dataset.channels,
+               "image_size": dataset.image_size}
+    if preset.arch == "resnet":
+        changes["num_classes"] = None if args.unconditional or not dataset.num_classes else dataset.num_classes
+    overrides = {"model_channels": args.model_channels, "num_res_blocks": args.num_res_blocks,
+                 "norm_groups": args.norm_groups, "dropout": args.dropout,
+                 "channel_mult": tuple(args.channel_mult) if args.channel_mult else None,
+                 "attention_levels": tuple(args.attention_levels) if args.attention_levels is not None else None}
+    changes |= {k: v for k, v in overrides.items() if v is not None}
+    return dataclasses.replace(preset, **changes)
+
+
+def run(args) -> None:
+    default_size = UNET_PRESETS[args.preset].image_size if not args.dataset.endswith("mnist") else None
+    dataset = load_dataset(args.dataset, image_size=args.image_size or default_size, channels=args.channels,
+                           data_dir=args.data_dir)
+    config = TrainConfig(**loop_settings(args), ema_decay=args.ema_decay, prediction=args.prediction,
+                         min_snr_gamma=args.min_snr_gamma, label_dropout=args.label_dropout,
+                         channels_last=args.channels_last)
+    trainer = DDPMTrainer(config, unet_config_for(args, dataset), ScheduleConfig(args.schedule, args.timesteps),
+                          dataset)
+    resume_if_asked(trainer, args)
+    params = sum(p.numel() for p in trainer.model.parameters())
+    say(f"training {params / 1e6:.2f}M parameters on {len(dataset)} images; checkpoints in {args.out_dir}")
+    state = trainer.fit()
+    best = Path(args.out_dir) / "best.safetensors"
+    if best.is_file():
+        say(f"done: {state.step} steps; best epoch loss {state.best_loss:.4f}; model: {best}")
+    else:                                   # stopped by --max-steps before the first epoch ended
+        say(f"done: {state.step} steps; model: {Path(args.out_dir) / 'last.safetensors'}")

@@ -1,0 +1,95 @@
+"""Command-line options that every training stage shares, and the steps around a trainer: resuming and
+printing (rank 0 only under torchrun)."""
+
+import dataclasses
+from pathlib import Path
+
+from nanodiffusion.errors import UserError
+from nanodiffusion.nets.clip_text import CLIPTextConfig
+from nanodiffusion.training import distributed
+from nanodiffusion.training.captions import SMALL_TEXT
+from nanodiffusion.training.run_state import LR_SCHEDULES, LoopConfig
+
+
+def add_data_arguments(p, *, datasets: str, image_size: int | None) -> None:
+    """--dataset (`datasets` says which), --data-dir, --image-size (default `image_size`), --channels."""
+    data = p.add_argument_group("data")
+    data.add_argument("--dataset", default="fashion-mnist" if image_size is None else "mnist", help=datasets)
+    data.add_argument("--data-dir",
+                      help="folder holding the dataset files (else $NANODIFFUSION_DATA, the cache)")
+    size_help = "train at this size" + (" (default: the dataset's / preset's)" if image_size is None else "")
+    data.add_argument("--image-size", type=int, default=image_size, help=size_help)
+    data.add_argument("--channels", type=int, choices=(1, 3), help="1 (grayscale) or 3 (RGB)")
+
+
+def add_loop_arguments(p, defaults: LoopConfig):
+    """The shared training options (a group named "training", returned for the stage's own options)."""
+    train = p.add_argument_group("training")
+    train.add_argument("--out-dir", default=defaults.out_dir,
+                       help="where checkpoints, samples and the model go")
+    train.add_argument("--epochs", type=int, default=defaults.epochs)
+    train.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    train.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                       help="global batch size (split over the processes under torchrun)")
+    train.add_argument("--lr", type=float, default=defaults.lr, help="AdamW learning rate")
+    train.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW weight decay")
+    train.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps,
+                       help="linear learning-rate warm-up steps")
+    train.add_argument("--lr-schedule", default=defaults.lr_schedule, choices=LR_SCHEDULES,
+                       help="learning rate after warm-up: constant, or cosine decay to 10 %% at the end")
+    train.add_argument("--bf16", action="store_true", help="bf16 autocast (fast on AVX-512-BF16/AMX CPUs)")
+    train.add_argument("--seed", type=int, default=defaults.seed)
+    train.add_argument("--device", default=defaults.device,
+                       help="cpu or cuda (cuda:LOCAL_RANK under torchrun)")
+    train.add_argument("--save-every", type=int, default=0, help="also save `last` every N steps")
+    train.add_argument("--sample-every", type=int, default=0, help="write a sample grid every N epochs")
+    train.add_argument("--resume", nargs="?", const="auto",
+                       help="resume from a checkpoint (default: OUT_DIR/last.safetensors)")
+    return train
+
+
+def loop_settings(args) -> dict:
+    """The LoopConfig fields from the shared options (a stage adds its own to build its config)."""
+    return dict(out_dir=args.out_dir, epochs=args.epochs, max_steps=args.max_steps,
+                batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule, bf16=args.bf16, seed=args.seed,
+                save_every_steps=args.save_every, sample_every_epochs=args.sample_every, device=args.device)
+
+
+def add_text_arguments(p) -> None:
+    """Size of a new text encoder and its tokenizer (trained on the data set's captions)."""
+    text = p.add_argument_group("new text encoder")
+    text.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary size (at most)")
+    text.add_argument("--text-width", type=int, default=SMALL_TEXT.hidden_size, help="hidden size")
+    text.add_argument("--text-layers", type=int, default=SMALL_TEXT.num_layers, help="transformer layers")
+    text.add_argument("--text-heads", type=int, default=SMALL_TEXT.num_heads, help="attention heads")
+
+
+def text_base_config(args) -> CLIPTextConfig:
+    """SMALL_TEXT with the command line's sizes (the MLP is 4x as wide, as in CLIP)."""
+    return dataclasses.replace(SMALL_TEXT, hidden_size=args.text_width, num_layers=args.text_layers,
+                               num_heads=args.text_heads, intermediate_size=4 * args.text_width)
+
+
+def load_captioned_data(args):
+    """The captioned data set named by --dataset, at --image-size and --channels."""
+    from nanodiffusion.data.captioned import load_captioned
+    return load_captioned(args.dataset, image_size=args.image_size, channels=args.channels,
+                          data_dir=args.data_dir, seed=args.seed)
+
+
+def say(message: str) -> None:
+    """Print on rank 0 only."""
+    if distributed.is_main_process():
+        print(message)
+
+
+def resume_if_asked(trainer, args) -> None:
+    """Resume `trainer` from --resume (OUT_DIR/last.safetensors when given without a path)."""
+    if not args.resume:
+        return
+    path = Path(args.out_dir) / "last.safetensors" if args.resume == "auto" else Path(args.resume)
+    if not path.is_file():
+        raise UserError(f"nothing to resume: {path} does not exist")
+    trainer.resume(path)
+    say(f"resumed from {path} at epoch {trainer.state.epoch}, step {trainer.state.step}")

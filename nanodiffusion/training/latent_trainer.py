@@ -1,0 +1,218 @@
+"""Training the text-conditioned UNet of a latent diffusion model (Rombach et al. 2022, §3.3, eq. 2).
+
+The data set is encoded once by the frozen VAE and its latents are kept in memory, scaled by the VAE's
+`scaling_factor`: by default the posterior means, or with `sample_posterior` a fresh draw z ~ q(z|x) at each
+visit. Captions are dropped to "" with probability `caption_dropout`, as SD does, so that the one network
+also learns the unconditional prediction that classifier-free guidance needs (Ho & Salimans 2022). The text
+encoder is frozen (pre-trained by `train text-encoder`, as SD freezes CLIP) or trained jointly with the UNet
+(`train_text_encoder`: its parameters join the UNet's optimizer and EMA). The result is a diffusers Stable
+Diffusion folder that `TextToImage.from_pretrained` and diffusers' StableDiffusionPipeline load.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from nanodiffusion.data.captioned import CaptionedDataset
+from nanodiffusion.diffusion.forward import q_sample
+from nanodiffusion.diffusion.schedules import ScheduleConfig, get_alphas_cumprod
+from nanodiffusion.errors import UserError
+from nanodiffusion.images import image_grid, save_png
+from nanodiffusion.nets.clip_text import CLIPTextConfig, CLIPTextModel
+from nanodiffusion.nets.sd_unet import SDUNet, SDUNetConfig
+from nanodiffusion.nets.vae import AutoencoderKL, VAEConfig
+from nanodiffusion.pipelines.text_to_image import TextToImage
+from nanodiffusion.tokenizer import CLIPTokenizer
+from nanodiffusion.training import distributed
+from nanodiffusion.training.captions import check_tokenizer
+from nanodiffusion.training.denoising import DenoisingConfig, denoising_loss
+from nanodiffusion.training.ema import EMA
+from nanodiffusion.training.export import scheduler_config
+from nanodiffusion.training.run_state import RunState, TrainState
+from nanodiffusion.weights import SDComponents, save_diffusers
+
+# A small SD UNet for 8x8x4 latents (32x32 images) and 128-wide text states: 10M parameters.
+SMALL_UNET = SDUNetConfig(model_channels=64, channel_mult=(1, 2, 2), attention_levels=(1, 2), num_heads=4,
+                          context_dim=128, sample_size=8)
+PIPELINE_FOLDER = "pipeline"            # the diffusers folder written under out_dir at the end
+GRID_PROMPTS, GRID_COLUMNS, GRID_STEPS = 4, 4, 25
+
+
+@dataclass(frozen=True)
+class LatentTrainConfig(DenoisingConfig):
+    """A latent UNet training run (saved in every checkpoint); see the base classes for the rest."""
+
+    out_dir: str = "runs/unet"
+    caption_dropout: float = 0.1          # p(caption -> ""), for classifier-free guidance
+    train_text_encoder: bool = False      # False: the text encoder is frozen; True: trained with the UNet
+    sample_posterior: bool = False        # draw z ~ q(z|x) at each visit instead of using its mean
+    sample_prompts: tuple[str, ...] = ()  # prompts of the sample grids (default: the first captions)
+    sample_guidance_scale: float = 4.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 <= self.caption_dropout < 1:
+            raise UserError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+
+
+@torch.no_grad()
+def encode_dataset(vae: AutoencoderKL, dataset: CaptionedDataset, *, batch_size: int = 256,
+                   seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unscaled posterior means and standard deviations (N, C, h, w), float32 on the CPU, of every image
+    (`dataset.batch` is called with Generator(seed))."""
+    generator = torch.Generator().manual_seed(seed)
+    device = next(vae.parameters()).device
+    means, stds = [], []
+    for chunk in torch.arange(len(dataset)).split(batch_size):
+        posterior = vae.encode(dataset.batch(chunk, generator)[0].to(device))
+        means.append(posterior.mean.float().cpu())
+        stds.append(posterior.std.float().cpu())
+    return torch.cat(means), torch.cat(stds)
+
+
+class LatentTrainer:
+    """Trains an SDUNet (and, jointly, the text encoder) on a captioned data set's VAE latents;
+    `fit()` trains and writes the diffusers folder `out_dir/pipeline/`."""
+
+    def __init__(self, config: LatentTrainConfig, unet_config: SDUNetConfig, schedule: ScheduleConfig,
+                 dataset: CaptionedDataset, vae: AutoencoderKL, text_encoder: CLIPTextModel,
+                 tokenizer: CLIPTokenizer):
+        check_tokenizer(tokenizer, text_encoder.config)
+        self.config, self.schedule, self.dataset, self.tokenizer = config, schedule, dataset, tokenizer
+        self.run = RunState(config, len(dataset))
+        device = self.run.device
+        self.vae = vae.to(device).eval().requires_grad_(False)
+        mean, std = encode_dataset(self.vae, dataset, seed=config.seed)
+        _check_configs(unet_config, vae.config, text_encoder.config, mean.shape)
+        self.latent_mean, self.latent_std = mean * vae.config.scaling_factor, std * vae.config.scaling_factor
+        self.unet = SDUNet(unet_config).to(device)
+        self.ema = EMA(self.unet, config.ema_decay)
+        joint = config.train_text_encoder
+        self.text_encoder = text_encoder.to(device).train(joint).requires_grad_(joint)
+        modules, emas = {"unet": self.unet, "unet_ema": self.ema.shadow}, (self.ema,)
+        parameters = list(self.unet.parameters())
+        if joint:
+            self.text_ema = EMA(self.text_encoder, config.ema_decay)
+            modules |= {"text_encoder": self.text_encoder, "text_encoder_ema": self.text_ema.shadow}
+            emas += (self.text_ema,)
+            parameters += list(self.text_encoder.parameters())
+        self.optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay,
+                                           fused=True)
+        self.run.register(self.optimizer, modules, {
+            "kind": "latent_unet", "unet": unet_config.to_dict(), "schedule": schedule.to_dict(),
+            "prediction": config.prediction, "vae": vae.config.to_dict(),
+            "text_encoder": text_encoder.config.to_dict(),
+            "tokenizer_merges": [list(pair) for pair in tokenizer.merges]}, emas)
+        self.unet_net = distributed.parallel(self.unet)
+        self.text_net = distributed.parallel(self.text_encoder) if joint else self.text_encoder
+        self.alphas_cumprod = get_alphas_cumprod(schedule).float().to(device)
+        self.out_dir = Path(config.out_dir)
+
+    @property
+    def state(self) -> TrainState:
+        return self.run.state
+
+    def train_step(self, indices: torch.Tensor) -> dict[str, float]:
+        """One optimizer step of eq. 2 on the global batch at `indices`; returns {"loss": ...}."""
+        cfg, run, g = self.config, self.run, self.run.generator
+        B = len(indices)
+        captions = self.dataset.captions(indices, g)     # the images are already cached as latents
+        drop = torch.rand(B, generator=g) < cfg.caption_dropout
+        captions = ["" if dropped else caption for caption, dropped in zip(captions, drop.tolist())]
+        t = torch.randint(0, self.schedule.num_timesteps, (B,), generator=g)
+        noise = torch.randn((B, *self.latent_mean.shape[1:]), generator=g)
+        z = self.latent_mean[indices]
+        if cfg.sample_posterior:
+            z = z + self.latent_std[indices] * torch.randn(z.shape, generator=g)
+        mine = run.shard(B)
+        z, t, noise = (v[mine].to(run.device) for v in (z, t, noise))
+        input_ids = self.tokenizer(captions[mine]).to(run.device)    # (b, 77): padded as at inference
+        x_t = q_sample(z, t, noise, self.alphas_cumprod)
+        with run.autocast():
+            with torch.set_grad_enabled(cfg.train_text_encoder):
+                context = self.text_net(input_ids).hidden_states     # (b, 77, context_dim)
+            pred = self.unet_net(x_t, t.float(), context)
+        loss = denoising_loss(cfg, pred, z, noise, t, self.alphas_cumprod)
+        run.optimizer_step(loss * run.loss_scale(len(t), B))
+        self.ema.update(self.unet)
+        if cfg.train_text_encoder:
+            self.text_ema.update(self.text_encoder)
+        return run.batch_means({"loss": loss}, len(t), B)
+
+    def fit(self) -> TrainState:
+        """Train, then write the diffusers folder `out_dir/pipeline/` with the EMA weights (rank 0)."""
+        self.unet.train()
+        state = self.run.fit(self.train_step, self.sample_grid)
+        if self.run.is_main:
+            self.export(self.out_dir / PIPELINE_FOLDER)
+        return state
+
+    def components(self) -> SDComponents:
+        """The model as SDComponents: the EMA UNet (and EMA text encoder when trained), VAE, tokenizer and
+        the scheduler config of our schedule and prediction type."""
+        text_encoder = self.text_ema.shadow if self.config.train_text_encoder else self.text_encoder
+        return SDComponents(unet=self.ema.shadow, vae=self.vae, text_encoder=text_encoder,
+                            tokenizer=self.tokenizer,
+                            scheduler_config=scheduler_config(self.schedule, self.config.prediction))
+
+    def export(self, folder: str | Path) -> Path:
+        """Write the model as a diffusers Stable Diffusion folder."""
+        save_diffusers(self.components(), folder)
+        return Path(folder)
+
+    def pipeline(self) -> TextToImage:
+        """A TextToImage pipeline on the current EMA weights."""
+        parts = self.components()
+        return TextToImage(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.scheduler_config)
+
+    @torch.no_grad()
+    def sample_grid(self, path: Path) -> None:
+        """One row per prompt, GRID_COLUMNS seeds each, through TextToImage with the EMA weights."""
+        prompts = list(self.config.sample_prompts) or self._first_captions(GRID_PROMPTS)
+        pipe = self.pipeline()
+        pipe.show_progress = False
+        height, width = (side * self.vae.config.downsample_factor for side in self.latent_mean.shape[2:])
+        images = pipe(prompts, num_images_per_prompt=GRID_COLUMNS, seed=0, num_steps=GRID_STEPS,
+                      height=height, width=width, guidance_scale=self.config.sample_guidance_scale).images
+        save_png(image_grid(images, rows=len(prompts), cols=GRID_COLUMNS), path)
+
+    def _first_captions(self, count: int) -> list[str]:
+        """The first `count` distinct canonical captions of the data set's first items."""
+        first = (self.dataset.caption(i) for i in range(min(len(self.dataset), 16 * count)))
+        return list(dict.fromkeys(first))[:count]
+
+    def save(self, name: str) -> Path:
+        return self.run.save(name)
+
+    def resume(self, path: str | Path) -> None:
+        """Restore the UNet (and a trained text encoder), EMA, optimizer, RNG and counters (see `save`)."""
+        self.run.resume(path, self._check_checkpoint)
+
+    def _check_checkpoint(self, meta: dict) -> None:
+        same = (meta.get("kind") == "latent_unet"
+                and SDUNetConfig.from_dict(meta["unet"]) == self.unet.config
+                and ScheduleConfig.from_dict(meta["schedule"]) == self.schedule
+                and VAEConfig.from_dict(meta["vae"]) == self.vae.config
+                and CLIPTextConfig.from_dict(meta["text_encoder"]) == self.text_encoder.config
+                and meta["train"]["train_text_encoder"] == self.config.train_text_encoder)
+        if not same:
+            raise UserError("the checkpoint was trained with other models or settings (UNet, schedule, VAE, "
+                            "text encoder, or frozen versus trained text encoder); resume with the same ones")
+        if [tuple(pair) for pair in meta["tokenizer_merges"]] != list(self.tokenizer.merges):
+            raise UserError("the checkpoint was trained with another tokenizer")
+
+
+def _check_configs(unet: SDUNetConfig, vae: VAEConfig, text: CLIPTextConfig,
+                   latent_shape: torch.Size) -> None:
+    _, channels, height, width = latent_shape
+    if unet.in_channels != channels or unet.out_channels != channels:
+        raise UserError(f"the VAE makes {channels}-channel latents but the UNet takes {unet.in_channels} and "
+                        f"predicts {unet.out_channels}")
+    if unet.context_dim != text.hidden_size:
+        raise UserError(f"the UNet attends to {unet.context_dim}-wide text states but the text encoder gives "
+                        f"{text.hidden_size}")
+    if unet.sample_size not in (height, (height, width)):
+        raise UserError(f"the latents are {height}x{width} but the UNet's sample_size is {unet.sample_size}: "
+                        f"set it to the latent side (pipelines make images of sample_size x "
+                        f"{vae.downsample_factor} pixels)")
