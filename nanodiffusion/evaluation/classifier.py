@@ -5,7 +5,6 @@ layer that the Fréchet distance and the diversity measure are computed on (the 
 features play in FID, Heusel et al. 2017), and `head(features)` the logits from it.
 """
 
-import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from nanodiffusion.config import config_from_dict, config_to_dict
 from nanodiffusion.errors import UserError
 from nanodiffusion.training.checkpoint import load_checkpoint, prefixed, save_checkpoint, unprefixed
 
@@ -52,16 +52,12 @@ class ClassifierConfig:
 
     def to_dict(self) -> dict:
         """JSON-safe dict of the fields (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "ClassifierConfig":
         """Inverse of `to_dict`; unknown keys are an error, missing ones take the defaults."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise UserError(f"unknown ClassifierConfig keys {unknown}; valid: {sorted(names)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        return config_from_dict(cls, data)
 
 
 class ConvBlock(nn.Module):

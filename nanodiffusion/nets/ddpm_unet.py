@@ -7,7 +7,6 @@
   comparison only.
 """
 
-import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -15,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanodiffusion.config import config_from_dict, config_to_dict
 from nanodiffusion.errors import UserError
 from nanodiffusion.nets.blocks import NORM_EPS, AttentionBlock, Downsample, ResnetBlock, Upsample
 from nanodiffusion.nets.embeddings import timestep_embedding
@@ -105,16 +105,12 @@ class DDPMUNetConfig:
 
     def to_dict(self) -> dict:
         """JSON-safe dict of the fields (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "DDPMUNetConfig":
         """Inverse of `to_dict`; unknown keys are an error, missing ones take the defaults."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise UserError(f"unknown DDPMUNetConfig keys {unknown}; valid: {sorted(names)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        return config_from_dict(cls, data)
 
 
 # Fashion-MNIST, class-conditional: 1.74M parameters (7 MB in fp32), the fastest of the candidates measured
