@@ -17,6 +17,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_
 from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
 
+from nanodiffusion.atomic import atomic_write
 from nanodiffusion.errors import UserError
 
 BOS_TOKEN = "<|startoftext|>"
@@ -28,6 +29,7 @@ CLIP_SPLIT_PATTERN = (r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'
                       r"[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+")
 MERGES_HEADER = "#version: 0.2"
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token")
+CLIP_MAX_LENGTH = 77            # CLIP's context: <|startoftext|>, up to 75 tokens, <|endoftext|>
 
 
 def byte_alphabet() -> list[str]:
@@ -77,7 +79,7 @@ class CLIPTokenizer:
 
     def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], *,
                  bos_token: str = BOS_TOKEN, eos_token: str = EOS_TOKEN, pad_token: str = EOS_TOKEN,
-                 unk_token: str = EOS_TOKEN):
+                 unk_token: str = EOS_TOKEN, model_max_length: int = CLIP_MAX_LENGTH):
         specials = dict(zip(SPECIAL_TOKEN_NAMES, (bos_token, eos_token, pad_token, unk_token)))
         missing = {name: token for name, token in specials.items() if token not in vocab}
         if missing:
@@ -87,6 +89,11 @@ class CLIPTokenizer:
         self.pad_token, self.unk_token = pad_token, unk_token
         self.bos_token_id, self.eos_token_id = vocab[bos_token], vocab[eos_token]
         self.pad_token_id = vocab[pad_token]
+        if model_max_length < 3:
+            raise UserError(f"model_max_length must leave room for the start and end tokens and a word, "
+                            f"got {model_max_length}")
+        self.model_max_length = model_max_length      # ids per prompt, specials included (the text encoder's
+                                                      # positions); tokenizer_config.json stores it
         model = BPE(vocab=vocab, merges=merges, unk_token=unk_token, continuing_subword_prefix="",
                     end_of_word_suffix=END_OF_WORD, fuse_unk=False)
         self._backend = Tokenizer(model)
@@ -105,8 +112,8 @@ class CLIPTokenizer:
         return len(self.vocab)
 
     @classmethod
-    def from_files(cls, vocab_json: str | Path, merges_txt: str | Path,
-                   **special_tokens: str) -> "CLIPTokenizer":
+    def from_files(cls, vocab_json: str | Path, merges_txt: str | Path, *,
+                   model_max_length: int = CLIP_MAX_LENGTH, **special_tokens: str) -> "CLIPTokenizer":
         """Load a `vocab.json` / `merges.txt` pair; `special_tokens` (pad_token="!", ...) replace CLIP's."""
         vocab = json.loads(Path(vocab_json).read_text(encoding="utf-8"))
         merges = []
@@ -118,13 +125,14 @@ class CLIPTokenizer:
             if len(pair) != 2:
                 raise UserError(f"{merges_txt}:{number}: a merge is two tokens and one space, got {line!r}")
             merges.append((pair[0], pair[1]))
-        return cls(vocab, merges, **special_tokens)
+        return cls(vocab, merges, model_max_length=model_max_length, **special_tokens)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> "CLIPTokenizer":
         """Load a tokenizer folder as transformers writes it, or a diffusers folder with `tokenizer/` in it.
 
-        Special tokens come from `special_tokens_map.json`, else `tokenizer_config.json`, else CLIP's.
+        Special tokens come from `special_tokens_map.json`, else `tokenizer_config.json`, else CLIP's; the
+        context length from `tokenizer_config.json`'s model_max_length (else CLIP's 77).
         """
         folder = Path(folder)
         if not (folder / "vocab.json").is_file() and (folder / "tokenizer" / "vocab.json").is_file():
@@ -132,25 +140,34 @@ class CLIPTokenizer:
         for name in ("vocab.json", "merges.txt"):
             if not (folder / name).is_file():
                 raise UserError(f"no {name} in {folder}: expected a CLIP tokenizer folder")
-        special_tokens = {}
+        special_tokens, max_length = {}, CLIP_MAX_LENGTH
         for name in ("tokenizer_config.json", "special_tokens_map.json"):    # the second one wins
             if (folder / name).is_file():
                 stored = json.loads((folder / name).read_text(encoding="utf-8"))
                 special_tokens.update({key: _token_content(stored[key]) for key in SPECIAL_TOKEN_NAMES
                                        if stored.get(key)})
-        return cls.from_files(folder / "vocab.json", folder / "merges.txt", **special_tokens)
+                # transformers writes a huge integer when a tokenizer has no limit: CLIP's then applies
+                length = stored.get("model_max_length")
+                if name == "tokenizer_config.json" and isinstance(length, int) and length <= 1_000_000:
+                    max_length = length
+        return cls.from_files(folder / "vocab.json", folder / "merges.txt", model_max_length=max_length,
+                              **special_tokens)
 
     def save_pretrained(self, folder: str | Path) -> None:
-        """Write vocab.json, merges.txt, special_tokens_map.json and tokenizer_config.json (transformers')."""
+        """Write vocab.json, merges.txt, special_tokens_map.json and tokenizer_config.json (transformers'),
+        each atomically."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "vocab.json").write_text(json.dumps(self.vocab, ensure_ascii=False), encoding="utf-8")
-        lines = [MERGES_HEADER] + [f"{a} {b}" for a, b in self.merges]
-        (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
         specials = {name: getattr(self, name) for name in SPECIAL_TOKEN_NAMES}
-        (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2), encoding="utf-8")
-        config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, **specials}
-        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+        config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": self.model_max_length, **specials}
+        lines = [MERGES_HEADER] + [f"{a} {b}" for a, b in self.merges]
+        files = {"vocab.json": json.dumps(self.vocab, ensure_ascii=False),
+                 "merges.txt": "\n".join(lines) + "\n",
+                 "special_tokens_map.json": json.dumps(specials, indent=2),
+                 "tokenizer_config.json": json.dumps(config, indent=2)}
+        for name, text in files.items():
+            with atomic_write(folder / name) as f:
+                f.write(text.encode("utf-8"))
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` without <|startoftext|>, <|endoftext|> or padding (to chunk long prompts)."""
@@ -161,12 +178,14 @@ class CLIPTokenizer:
         text = self._backend.decode(list(ids), skip_special_tokens=False)
         return text.replace(END_OF_WORD, " ").strip()
 
-    def __call__(self, prompts: str | list[str], *, max_length: int = 77, padding: str = "max_length",
-                 truncation: bool = True) -> torch.Tensor:
+    def __call__(self, prompts: str | list[str], *, max_length: int | None = None,
+                 padding: str = "max_length", truncation: bool = True) -> torch.Tensor:
         """Token ids (B, max_length), or (B, longest) for padding="longest": BOS, words, EOS, then pads.
 
-        A prompt longer than max_length - 2 tokens is cut with a warning naming the dropped text.
+        `max_length` defaults to `model_max_length`. A prompt longer than max_length - 2 tokens is cut with
+        a warning naming the dropped text.
         """
+        max_length = self.model_max_length if max_length is None else max_length
         if padding not in ("max_length", "longest"):
             raise UserError(f"padding must be 'max_length' or 'longest', got {padding!r}")
         if max_length < 2:
@@ -191,11 +210,13 @@ class CLIPTokenizer:
         return torch.tensor(padded, dtype=torch.long)                    # (B, width)
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2) -> CLIPTokenizer:
+def train_bpe(texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2,
+              model_max_length: int = CLIP_MAX_LENGTH) -> CLIPTokenizer:
     """Learn a CLIP-style BPE on `texts` with at most `vocab_size` ids (Sennrich et al. 2016).
 
     Same normaliser, word split and byte alphabet as CLIP, and CLIP's id layout (see `vocab_from_merges`),
-    so every string stays encodable; <|endoftext|> is also the pad token, as in SD v1.x.
+    so every string stays encodable; <|endoftext|> is also the pad token, as in SD v1.x. `model_max_length`
+    is the context of the text encoder it will feed (77 as CLIP; shorter captions allow a shorter one).
     """
     num_merges = vocab_size - 2 * 256 - 2
     if num_merges < 0:
@@ -212,4 +233,4 @@ def train_bpe(texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2) 
     # Merges are stored as [a, b] pairs by recent `tokenizers`, as "a b" strings by older ones.
     merges = [tuple(pair) if isinstance(pair, list) else tuple(pair.split(" ")) for pair in stored]
     merges = merges[:num_merges]
-    return CLIPTokenizer(vocab_from_merges(merges), merges)
+    return CLIPTokenizer(vocab_from_merges(merges), merges, model_max_length=model_max_length)

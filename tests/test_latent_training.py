@@ -34,12 +34,12 @@ def dataset(tmp_path):
     return load_captioned("mnist", image_size=16, data_dir=str(tmp_path / "mnist"))
 
 
-def make_trainer(tmp_path, dataset, **changes):
+def make_trainer(tmp_path, dataset, max_tokens=77, **changes):
     settings = dict(out_dir=str(tmp_path / "run"), batch_size=16, lr=2e-3, warmup_steps=0, epochs=3)
     config = LatentTrainConfig(**(settings | changes))
     torch.manual_seed(0)
     vae = AutoencoderKL(VAE)                       # untrained: its latents are still a function of the image
-    tokenizer = caption_tokenizer(dataset, 600)
+    tokenizer = caption_tokenizer(dataset, 600, max_tokens)
     return LatentTrainer(config, TINY_UNET, ScheduleConfig("scaled_linear"), dataset, vae,
                          new_text_encoder(tokenizer, TINY_TEXT), tokenizer)
 
@@ -91,8 +91,9 @@ def test_captions_are_dropped_to_the_empty_caption(tmp_path, dataset, monkeypatc
     assert {caption for caption in seen if caption} <= set(all_captions(dataset))
 
 
-def test_exported_folder_gives_the_same_images_in_text_to_image_and_diffusers(tmp_path, dataset):
-    trainer = make_trainer(tmp_path, dataset, max_steps=3, prediction="v_prediction")
+@pytest.mark.parametrize("max_tokens", [77, 12], ids=["clip-context", "short-context"])
+def test_exported_folder_gives_the_same_images_in_text_to_image_and_diffusers(tmp_path, dataset, max_tokens):
+    trainer = make_trainer(tmp_path, dataset, max_tokens, max_steps=3, prediction="v_prediction")
     trainer.fit()
     folder = tmp_path / "run" / "pipeline"
     scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
@@ -113,6 +114,13 @@ def test_exported_folder_gives_the_same_images_in_text_to_image_and_diffusers(tm
     images = reference(prompts, generator=torch.Generator().manual_seed(0), **settings).images
     assert images.shape == expected.shape
     assert np.abs(images - expected).max() <= 1 / 255
+    assert reference.tokenizer.model_max_length == max_tokens          # diffusers pads prompts as we do
+
+
+def test_a_text_context_too_short_for_the_captions_is_a_clear_error(dataset):
+    from nanodiffusion.errors import UserError
+    with pytest.raises(UserError, match="more than the text context of 4"):
+        caption_tokenizer(dataset, 600, 4)
 
 
 def test_cli_trains_the_three_stages_into_a_text_to_image_model(tmp_path, capsys):
@@ -131,7 +139,8 @@ def test_cli_trains_the_three_stages_into_a_text_to_image_model(tmp_path, capsys
           "--sample-prompt", "the number one", "--out-dir", str(tmp_path / "frozen")])
     assert "text encoder frozen" in capsys.readouterr().out
     assert (tmp_path / "frozen" / "samples" / "epoch_0001.png").is_file()
-    main(["train", "unet", *data, *unet, *text, "--vae", str(tmp_path / "vae"), "--max-steps", "2",
+    main(["train", "unet", *data, *unet, *text, "--max-tokens", "16", "--vae", str(tmp_path / "vae"),
+          "--max-steps", "2",
           "--prediction", "v_prediction", "--out-dir", str(tmp_path / "joint")])
     assert "text encoder trained with it" in capsys.readouterr().out
     for run in ("frozen", "joint"):
@@ -139,3 +148,5 @@ def test_cli_trains_the_three_stages_into_a_text_to_image_model(tmp_path, capsys
         pipe.show_progress = False
         image = pipe("the number one", num_steps=2, seed=0).images[0]
         assert image.size == (16, 16) and image.mode == "L"
+    joint = TextToImage.from_pretrained(tmp_path / "joint" / "pipeline")
+    assert joint.tokenizer.model_max_length == joint.text_encoder.config.max_positions == 16

@@ -97,6 +97,13 @@ def test_chunks_hold_75_tokens(tokenizer, words, chunks):
         assert chunk[1:n + 1].eq(CAT).all() and chunk[n + 1:].eq(EOS).all()
 
 
+def test_a_shorter_text_context_gives_shorter_chunks(tokenizer):
+    short = CLIPTokenizer(tokenizer.vocab, tokenizer.merges, model_max_length=12)     # 10 words per chunk
+    tokens = tokenize_prompt(short, "cat " * 25)
+    assert tokens.ids.shape == (3, 12) and (tokens.ids == CAT).sum() == 25
+    assert torch.equal(tokenize_prompt(short, "cat " * 10).ids, short("cat " * 10))
+
+
 def test_long_chunk_is_cut_after_the_last_comma(tokenizer):
     prompt = "cat " * 60 + ", " + "cat " * 30                 # the comma is token 61 of the first chunk
     tokens = tokenize_prompt(tokenizer, prompt)

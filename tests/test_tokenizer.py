@@ -236,3 +236,23 @@ def test_trained_bpe_matches_transformers_and_openai_algorithm(tmp_path):
 def test_train_bpe_rejects_a_vocabulary_without_room_for_bytes():
     with pytest.raises(UserError, match="at least 514"):
         train_bpe(["a cat"], 500)
+
+
+def test_a_short_text_context_is_saved_loaded_and_read_by_transformers(tmp_path):
+    corpus = captions(300)
+    tokenizer = train_bpe(corpus, 600, model_max_length=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                                  # long captions are cut
+        ids = tokenizer(corpus[:20])
+    assert ids.shape == (20, 16)
+    tokenizer.save_pretrained(tmp_path)
+    assert not list(tmp_path.glob(".*.tmp"))                             # written atomically, nothing left
+    loaded = CLIPTokenizer.from_pretrained(tmp_path)
+    assert loaded.model_max_length == 16
+    for reference in reference_tokenizers(tmp_path):
+        assert reference.model_max_length == 16
+        expected = reference(corpus[:20], padding="max_length", max_length=16, truncation=True,
+                             return_tensors="pt")
+        assert torch.equal(ids, expected.input_ids)
+    with pytest.raises(UserError, match="model_max_length"):
+        train_bpe(corpus, 600, model_max_length=2)

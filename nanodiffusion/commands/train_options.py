@@ -60,6 +60,9 @@ def add_text_arguments(p) -> None:
     """Size of a new text encoder and its tokenizer (trained on the data set's captions)."""
     text = p.add_argument_group("new text encoder")
     text.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary size (at most)")
+    text.add_argument("--max-tokens", type=int, default=77,
+                      help="text context: ids per prompt with start and end (CLIP's 77; short captions train "
+                      "faster with fewer)")
     text.add_argument("--text-width", type=int, default=SMALL_TEXT.hidden_size, help="hidden size")
     text.add_argument("--text-layers", type=int, default=SMALL_TEXT.num_layers, help="transformer layers")
     text.add_argument("--text-heads", type=int, default=SMALL_TEXT.num_heads, help="attention heads")

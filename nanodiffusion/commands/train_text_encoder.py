@@ -28,7 +28,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> None:
     dataset = load_captioned_data(args)
-    tokenizer = caption_tokenizer(dataset, args.vocab_size)
+    tokenizer = caption_tokenizer(dataset, args.vocab_size, args.max_tokens)
     clip_config = MiniCLIPConfig(image_channels=dataset.channels, image_size=dataset.image_size,
                                  image_widths=tuple(args.image_widths), embed_dim=args.embed_dim)
     trainer = TextEncoderTrainer(TextEncoderTrainConfig(**loop_settings(args)), clip_config,

@@ -66,7 +66,7 @@ def run(args) -> None:
         tokenizer = load_tokenizer(args.text_encoder)
     dataset = load_captioned_data(args)
     if not args.text_encoder:
-        tokenizer = caption_tokenizer(dataset, args.vocab_size)
+        tokenizer = caption_tokenizer(dataset, args.vocab_size, args.max_tokens)
         text_encoder = new_text_encoder(tokenizer, text_base_config(args), seed=args.seed)
     config = LatentTrainConfig(
         **loop_settings(args), ema_decay=args.ema_decay, prediction=args.prediction,

@@ -6,7 +6,8 @@ closing bracket with nothing open is plain text, and `\\(`, `\\)`, `\\[`, `\\]`,
 characters themselves. The word BREAK (upper case) ends the current chunk.
 
 CLIP reads at most 77 tokens. A longer prompt is cut into chunks of 75 tokens, each wrapped in
-<|startoftext|> ... <|endoftext|> and padded to 77; the chunks are encoded separately and their states
+<|startoftext|> ... <|endoftext|> and padded to 77 (a text encoder with a shorter context, as in the small
+models nanodiffusion trains, gets chunks of its tokenizer's model_max_length - 2); the chunks are encoded separately and their states
 concatenated along the sequence, which the UNet's cross-attention accepts at any length. Near a chunk's end
 the cut moves back to just after the last comma (at most `comma_backtrack` tokens back, 20 in A1111), so a
 comma-separated phrase stays whole. A prompt without emphasis that fits in one chunk gives exactly the ids
@@ -26,7 +27,7 @@ ROUND_FACTOR = 1.1
 SQUARE_FACTOR = 1 / 1.1         # a multiplication by 1/1.1, as A1111 does: bit for bit its weights
 BREAK = ("BREAK", -1.0)         # the chunk break in parse_prompt_attention's output, as A1111 writes it
 COMMA = ",</w>"
-CHUNK_LENGTH = 75               # tokens per chunk, without the start and end tokens
+CHUNK_LENGTH = 75               # tokens per chunk of CLIP, without the start and end tokens
 COMMA_BACKTRACK = 20
 
 # One lexical token per match, tried in this order: an escape (a backslash followed by something other than
@@ -109,7 +110,7 @@ def tokenize_prompt(tokenizer: CLIPTokenizer, prompt: str, *, emphasis: bool = T
     `emphasis=False` reads the prompt as plain text (brackets included); `comma_backtrack=0` cuts every 75.
     """
     runs = parse_prompt_attention(prompt) if emphasis else [(prompt, 1.0)]
-    comma = tokenizer.vocab.get(COMMA)
+    comma, chunk_length = tokenizer.vocab.get(COMMA), chunk_length_of(tokenizer)
     chunks: list[tuple[list[int], list[float]]] = []
     ids: list[int] = []
     weights: list[float] = []
@@ -123,11 +124,11 @@ def tokenize_prompt(tokenizer: CLIPTokenizer, prompt: str, *, emphasis: bool = T
         for token in tokenizer.encode(text):
             if token == comma:
                 last_comma = len(ids)
-            elif len(ids) == CHUNK_LENGTH and last_comma >= 0 and len(ids) - last_comma <= comma_backtrack:
+            elif len(ids) == chunk_length and last_comma >= 0 and len(ids) - last_comma <= comma_backtrack:
                 cut = last_comma + 1                    # move the words after the comma to the next chunk
                 chunks.append((ids[:cut], weights[:cut]))
                 ids, weights, last_comma = ids[cut:], weights[cut:], -1
-            if len(ids) == CHUNK_LENGTH:
+            if len(ids) == chunk_length:
                 chunks.append((ids, weights))
                 ids, weights, last_comma = [], [], -1
             ids.append(token)
@@ -140,11 +141,16 @@ def tokenize_prompt(tokenizer: CLIPTokenizer, prompt: str, *, emphasis: bool = T
 def _wrap_chunks(tokenizer: CLIPTokenizer, chunks: list[tuple[list[int], list[float]]]) -> PromptTokens:
     rows, row_weights = [], []
     for ids, weights in chunks:
-        pad = CHUNK_LENGTH - len(ids)
+        pad = chunk_length_of(tokenizer) - len(ids)
         rows.append([tokenizer.bos_token_id, *ids, tokenizer.eos_token_id] + [tokenizer.pad_token_id] * pad)
         row_weights.append([1.0, *weights, 1.0] + [1.0] * pad)
     return PromptTokens(torch.tensor(rows, dtype=torch.long),                    # (K, 77)
                         torch.tensor(row_weights, dtype=torch.float32))          # (K, 77)
+
+
+def chunk_length_of(tokenizer: CLIPTokenizer) -> int:
+    """Prompt tokens per chunk: 75 for CLIP (its 77 positions less the start and end tokens)."""
+    return tokenizer.model_max_length - 2
 
 
 def count_chunks(tokenizer: CLIPTokenizer, prompt: str, *, emphasis: bool = True) -> int:

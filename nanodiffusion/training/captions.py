@@ -20,15 +20,23 @@ def all_captions(dataset: CaptionedDataset) -> list[str]:
     return [caption for choices in dataset.caption_choices for caption in choices]
 
 
-def caption_tokenizer(dataset: CaptionedDataset, vocab_size: int) -> CLIPTokenizer:
-    """A CLIP-style BPE tokenizer trained on the data set's captions (`tokenizer.train_bpe`)."""
-    return train_bpe(all_captions(dataset), vocab_size)
+def caption_tokenizer(dataset: CaptionedDataset, vocab_size: int, max_length: int = 77) -> CLIPTokenizer:
+    """A CLIP-style BPE tokenizer trained on the data set's captions (`tokenizer.train_bpe`), reading
+    `max_length` ids per prompt (specials included); a UserError if a caption would not fit."""
+    captions = all_captions(dataset)
+    tokenizer = train_bpe(captions, vocab_size, model_max_length=max_length)
+    longest = max(captions, key=lambda caption: len(tokenizer.encode(caption)))
+    if len(tokenizer.encode(longest)) + 2 > max_length:
+        raise UserError(f"the caption {longest!r} is {len(tokenizer.encode(longest)) + 2} tokens with start "
+                        f"and end, more than the text context of {max_length}: raise it")
+    return tokenizer
 
 
 def text_config_for(tokenizer: CLIPTokenizer, base: CLIPTextConfig = SMALL_TEXT) -> CLIPTextConfig:
-    """`base` with the tokenizer's vocabulary size and special token ids."""
+    """`base` with the tokenizer's vocabulary size, special token ids and context length."""
     return dataclasses.replace(base, vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_token_id,
-                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                               max_positions=tokenizer.model_max_length)
 
 
 def check_tokenizer(tokenizer: CLIPTokenizer, config: CLIPTextConfig) -> None:
@@ -38,6 +46,9 @@ def check_tokenizer(tokenizer: CLIPTokenizer, config: CLIPTextConfig) -> None:
         raise UserError(f"the tokenizer (vocabulary {ids[0]}, start/end ids {ids[1]}/{ids[2]}) does not "
                         f"match the text encoder (vocabulary {config.vocab_size}, start/end ids "
                         f"{config.bos_token_id}/{config.eos_token_id})")
+    if tokenizer.model_max_length > config.max_positions:
+        raise UserError(f"the tokenizer pads prompts to {tokenizer.model_max_length} ids but the text encoder "
+                        f"reads at most {config.max_positions}")
 
 
 def new_text_encoder(tokenizer: CLIPTokenizer, base: CLIPTextConfig = SMALL_TEXT, *,

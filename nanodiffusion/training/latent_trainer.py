@@ -127,11 +127,11 @@ class LatentTrainer:
             z = z + self.latent_std[indices] * torch.randn(z.shape, generator=g)
         mine = run.shard(B)
         z, t, noise = (v[mine].to(run.device) for v in (z, t, noise))
-        input_ids = self.tokenizer(captions[mine]).to(run.device)    # (b, 77): padded as at inference
+        input_ids = self.tokenizer(captions[mine]).to(run.device)    # (b, L): padded as at inference
         x_t = q_sample(z, t, noise, self.alphas_cumprod)
         with run.autocast():
             with torch.set_grad_enabled(cfg.train_text_encoder):
-                context = self.text_net(input_ids).hidden_states     # (b, 77, context_dim)
+                context = self.text_net(input_ids).hidden_states     # (b, L, context_dim)
             pred = self.unet_net(x_t, t.float(), context)
         loss = denoising_loss(cfg, pred, z, noise, t, self.alphas_cumprod)
         run.optimizer_step(loss * run.loss_scale(len(t), B))
