@@ -1,21 +1,34 @@
 """Evaluate a DDPM model with the data set's shipped classifier: class agreement, Fréchet distance on the
 classifier's features to the test split, and diversity; or, with --sweep, a sampler x steps table.
+
+A text-to-image model (a diffusers folder, or the built-in one: `nanodiffusion eval builtin`) is judged on its
+prompt adherence instead: class prompts of --prompts' data sets by their classifiers, and coloured-shapes
+prompts by exact checks (evaluation/text_to_image_eval.py).
 """
 
 import argparse
 import json
+from pathlib import Path
 
 from nanodiffusion.atomic import atomic_write
 from nanodiffusion.diffusion.samplers import SAMPLERS
 from nanodiffusion.errors import UserError
 from nanodiffusion.evaluation.classifier import BUILTIN_CLASSIFIERS, builtin_classifier_path
 from nanodiffusion.evaluation.evaluate import SWEEP_SAMPLERS, SWEEP_STEPS, evaluate_ddpm, sweep_ddpm
-from nanodiffusion.evaluation.report import format_evaluation, format_sweep
+from nanodiffusion.evaluation.report import (
+    format_evaluation, format_sweep, format_text_to_image, format_text_to_image_sweep,
+)
+from nanodiffusion.evaluation.text_to_image_eval import (
+    PROMPT_SETS, evaluate_text_to_image, sweep_text_to_image,
+)
 from nanodiffusion.pipelines.ddpm import BUILTIN_MODELS, DDPMPipeline
+from nanodiffusion.pipelines.text_to_image import BUILTIN_MODELS as TEXT_TO_IMAGE_MODELS
+from nanodiffusion.pipelines.text_to_image import GenerationRequest, TextToImage
 
 HELP = "measure a DDPM model: class agreement, Fréchet distance, diversity (or a sampler x steps sweep)"
 DEFAULT_SAMPLER, DEFAULT_STEPS = "dpmpp_2m", 50
 DEFAULT_IMAGES, DEFAULT_SWEEP_IMAGES = 1000, 200
+DEFAULT_GUIDANCE = 2.0
 
 
 def add_arguments(p) -> None:
@@ -23,7 +36,8 @@ def add_arguments(p) -> None:
     # "(default: None)" after the help that states them; `run` reads them with vars(args).get
     depends = argparse.SUPPRESS
     p.add_argument("model", nargs="?", default="fashion-mnist",
-                   help=f"checkpoint file, or a built-in model: {', '.join(BUILTIN_MODELS)}")
+                   help=f"DDPM checkpoint file or built-in model ({', '.join(BUILTIN_MODELS)}); or a "
+                        f"text-to-image diffusers folder or built-in model ({', '.join(TEXT_TO_IMAGE_MODELS)})")
     p.add_argument("--dataset", default="fashion-mnist",
                    help=f"the data set the model was trained on; one of {', '.join(BUILTIN_CLASSIFIERS)}")
     p.add_argument("--data-dir", help="folder holding the dataset files")
@@ -36,8 +50,14 @@ def add_arguments(p) -> None:
     p.add_argument("--steps", nargs="+", type=int, default=depends, metavar="N",
                    help=f"sampling steps (default {DEFAULT_STEPS}); with --sweep, several "
                         f"(default {' '.join(map(str, SWEEP_STEPS))})")
-    p.add_argument("--guidance", type=float, default=2.0,
-                   help="classifier-free guidance scale for class-conditional models (1 = none)")
+    p.add_argument("--guidance", type=float, default=depends,
+                   help=f"classifier-free guidance scale, 1 = none (default {DEFAULT_GUIDANCE:g} for a DDPM model, "
+                        f"{GenerationRequest.guidance_scale:g} for text-to-image)")
+    text = p.add_argument_group("text-to-image models")
+    text.add_argument("--prompts", nargs="+", choices=PROMPT_SETS, default=list(PROMPT_SETS),
+                      help="prompt sets to judge (default: all)")
+    text.add_argument("--images-per-class", type=int, default=50, help="images per class prompt")
+    text.add_argument("--num-shapes", type=int, default=200, help="coloured-shapes prompts")
     p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same images")
     p.add_argument("--sweep", action="store_true", help="tabulate every sampler x step count")
     p.add_argument("--batch-size", type=int, default=250, help="images sampled at a time")
@@ -45,14 +65,20 @@ def add_arguments(p) -> None:
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA ones")
 
 
+def is_text_to_image(model: str) -> bool:
+    return model in TEXT_TO_IMAGE_MODELS or (Path(model) / "model_index.json").is_file()
+
+
 def run(args) -> None:
     given = vars(args)
     samplers, step_counts, num_images = given.get("sampler"), given.get("steps"), given.get("num_images")
     if not args.sweep and max(len(samplers or ()), len(step_counts or ())) > 1:
         raise UserError("several samplers or step counts need --sweep")
+    if is_text_to_image(args.model):
+        return run_text_to_image(args, samplers, step_counts)
     builtin_classifier_path(args.dataset)           # an unknown data set fails before the model loads
     pipe = DDPMPipeline.from_pretrained(args.model, use_ema=not args.no_ema)
-    options = {"guidance_scale": args.guidance, "seed": args.seed, "data_dir": args.data_dir,
+    options = {"guidance_scale": given.get("guidance", DEFAULT_GUIDANCE), "seed": args.seed, "data_dir": args.data_dir,
                "batch_size": args.batch_size}
     if args.sweep:
         result = sweep_ddpm(pipe, args.dataset, num_images or DEFAULT_SWEEP_IMAGES,
@@ -64,6 +90,33 @@ def run(args) -> None:
                                sampler=(samplers or [DEFAULT_SAMPLER])[0],
                                num_steps=(step_counts or [DEFAULT_STEPS])[0], **options)
         print(format_evaluation(result))
+    if args.json:
+        with atomic_write(args.json) as file:
+            file.write(json.dumps(result | {"model": str(args.model)}, indent=1).encode())
+        print(f"wrote {args.json}")
+
+
+def run_text_to_image(args, samplers, step_counts) -> None:
+    """Prompt adherence of a text-to-image model (the sampler and steps default to the pipeline's)."""
+    if args.images_per_class < 1 or args.num_shapes < 1:
+        raise UserError("--images-per-class and --num-shapes must be >= 1")
+    path = TEXT_TO_IMAGE_MODELS.get(args.model, args.model)
+    if not Path(path).exists():
+        raise UserError(f"the built-in text-to-image model ({args.model!r}) is not installed")
+    pipe = TextToImage.from_pretrained(path)
+    options = {"guidance_scale": vars(args).get("guidance", GenerationRequest.guidance_scale),
+               "seed": args.seed, "data_dir": args.data_dir, "batch_size": args.batch_size,
+               "images_per_class": args.images_per_class, "num_shapes": args.num_shapes}
+    samplers = samplers or [GenerationRequest.sampler]
+    step_counts = step_counts or [GenerationRequest.num_steps]
+    if args.sweep:
+        result = sweep_text_to_image(pipe, tuple(args.prompts), samplers=samplers, step_counts=step_counts,
+                                     **options)
+        print(format_text_to_image_sweep(result))
+    else:
+        result = evaluate_text_to_image(pipe, tuple(args.prompts), sampler=samplers[0],
+                                        num_steps=step_counts[0], **options)
+        print(format_text_to_image(result))
     if args.json:
         with atomic_write(args.json) as file:
             file.write(json.dumps(result | {"model": str(args.model)}, indent=1).encode())

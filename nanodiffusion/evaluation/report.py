@@ -80,3 +80,49 @@ def _top_confusions(result: dict, names: list[str], count: int = 3) -> str:
                    reverse=True)
     shown = [f"{names[i]} -> {names[j]} ({n})" for n, i, j in pairs[:count] if n > 0]
     return ", ".join(shown) or "none"
+
+
+def format_text_to_image(result: dict) -> str:
+    """One row per prompt set: adherence (class agreement, or shapes prompts with every check passed), the
+    same for real images where there are, and the Fréchet distance; then the shapes checks one by one."""
+    settings, results = result["settings"], result["results"]
+    title = (f"text-to-image: {settings['sampler']}, {settings['num_steps']} steps, guidance "
+             f"{settings['guidance_scale']:g}, seed {settings['seed']}")
+    rows = []
+    for name, value in results.items():
+        if name == "shapes":
+            rows.append([f"shapes ({value['num_images']} prompts)", percent(value["all"]), "-", "-", "-"])
+        else:
+            real = value["real"]
+            rows.append([f"{name} ({value['num_images']} images)", percent(value["class_agreement"]),
+                         percent(real["class_agreement"]), number(value["frechet_distance"]),
+                         number(real["frechet_distance"])])
+    parts = [title, "", format_table(["prompts", "adherence", "real images", "Fréchet distance", "real"], rows)]
+    if "shapes" in results:
+        checks = results["shapes"]
+        names = [key for key in ("color", "shape", "size", "position", "relation", "count") if key in checks]
+        parts += ["", "shapes prompts, checks passed:",
+                  format_table(names, [[percent(checks[key]) for key in names]])]
+    for name, value in results.items():
+        if name != "shapes" and "confusion_matrix" in value:
+            parts += ["", f"{name}: most frequent confusions (asked -> classified): "
+                          + _top_confusions(value, list(value["per_class_agreement"]))]
+    parts += ["", "Adherence: images the project's classifier assigns to the prompt's class (real images: test "
+                  "images at the model's size, judged alike); shapes: prompts with every stated colour, shape, "
+                  "size, position and relation found."]
+    return "\n".join(parts)
+
+
+def format_text_to_image_sweep(sweep: dict) -> str:
+    """Adherence per prompt set for each sampler x step count."""
+    runs = sweep["runs"]
+    names = list(runs[0]["results"])
+    rows = []
+    for run in runs:
+        s = run["settings"]
+        cells = [run["results"][name]["all"] if name == "shapes" else run["results"][name]["class_agreement"]
+                 for name in names]
+        rows.append([s["sampler"], str(s["num_steps"]), *map(percent, cells)])
+    s = runs[0]["settings"]
+    return "\n".join([f"text-to-image adherence, guidance {s['guidance_scale']:g}, seed {s['seed']}", "",
+                      format_table(["sampler", "steps", *names], rows)])
