@@ -30,7 +30,7 @@ MODES = {
 }
 
 
-def _memory() -> dict[str, float]:
+def memory() -> dict[str, float]:
     """Peak RSS (VmHWM) and private memory (RssAnon) in GiB."""
     fields = {}
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -40,9 +40,9 @@ def _memory() -> dict[str, float]:
     return fields
 
 
-def _reset_peak() -> dict[str, float]:
+def reset_peak() -> dict[str, float]:
     Path("/proc/self/clear_refs").write_text("5")
-    return _memory()
+    return memory()
 
 
 def _inputs(latent_size: int) -> dict[str, torch.Tensor]:
@@ -54,11 +54,19 @@ def _inputs(latent_size: int) -> dict[str, torch.Tensor]:
             "z": torch.randn(1, 4, latent_size, latent_size, generator=generator), "ids": ids}
 
 
-def make(work: Path) -> dict:
-    """Random SD v1.5 networks (seed 0) saved as work/folder and work/model.safetensors."""
-    from nanodiffusion.nets.clip_text import SD15_TEXT, CLIPTextModel
-    from nanodiffusion.nets.sd_unet import SD15_UNET, SDUNet
-    from nanodiffusion.nets.vae import SD15_VAE, AutoencoderKL
+def make(work: Path, *, tiny: bool = False) -> dict:
+    """Random SD v1.5 networks (seed 0) saved as work/folder and work/model.safetensors.
+
+    `tiny` builds the tests' tiny presets instead (same layout, seconds to build).
+    """
+    from nanodiffusion.nets import clip_text, sd_unet, vae
+    from nanodiffusion.nets.clip_text import CLIPTextModel
+    from nanodiffusion.nets.sd_unet import SDUNet
+    from nanodiffusion.nets.vae import AutoencoderKL
+    if tiny:
+        unet_config, vae_config, text_config = sd_unet.TINY_UNET, vae.TINY_VAE, clip_text.TINY_TEXT
+    else:
+        unet_config, vae_config, text_config = sd_unet.SD15_UNET, vae.SD15_VAE, clip_text.SD15_TEXT
     from nanodiffusion.tokenizer import CLIPTokenizer
     from nanodiffusion.weights import SDComponents, save_diffusers, save_single_file
 
@@ -66,8 +74,8 @@ def make(work: Path) -> dict:
         (work / name).write_bytes(gzip.decompress((FIXTURES / f"{name}.gz").read_bytes()))
     torch.manual_seed(0)
     start = time.perf_counter()
-    components = SDComponents(unet=SDUNet(SD15_UNET).eval(), vae=AutoencoderKL(SD15_VAE).eval(),
-                              text_encoder=CLIPTextModel(SD15_TEXT).eval(),
+    components = SDComponents(unet=SDUNet(unet_config).eval(), vae=AutoencoderKL(vae_config).eval(),
+                              text_encoder=CLIPTextModel(text_config).eval(),
                               tokenizer=CLIPTokenizer.from_files(work / "vocab.json", work / "merges.txt"))
     built = time.perf_counter()
     save_diffusers(components, work / "folder")
@@ -101,11 +109,11 @@ def child(mode: str, work: Path, latent_size: int) -> dict:
     import transformers  # noqa: F401
 
     import nanodiffusion.weights  # noqa: F401
-    before = _reset_peak()
+    before = reset_peak()
     start = time.perf_counter()
     unet, decode, encode = _load(mode, work)
     elapsed = time.perf_counter() - start
-    after = _memory()
+    after = memory()
     result = {"load_s": elapsed, "peak_gib": after["VmHWM"] - before["VmHWM"],
               "private_gib": after["RssAnon"] - before["RssAnon"]}
     if not mode.endswith("bf16"):

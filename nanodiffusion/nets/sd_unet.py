@@ -13,9 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanodiffusion.errors import UserError
-from nanodiffusion.nets.blocks import Downsample, Upsample
+from nanodiffusion.nets.blocks import Downsample
 from nanodiffusion.nets.embeddings import timestep_embedding
-from nanodiffusion.nets.sd_blocks import (ResnetBlock, SpatialTransformer, config_from_dict,
+from nanodiffusion.nets.sd_blocks import (ResnetBlock, SpatialTransformer, Upsample, config_from_dict,
                                           read_diffusers_config)
 
 _CLASS_NAME = "UNet2DConditionModel"

@@ -14,8 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanodiffusion.errors import UserError
-from nanodiffusion.nets.blocks import Upsample
-from nanodiffusion.nets.sd_blocks import ResnetBlock, attention, config_from_dict, read_diffusers_config
+from nanodiffusion.nets.sd_blocks import (ResnetBlock, Upsample, attention, config_from_dict,
+                                          read_diffusers_config)
 
 _CLASS_NAME = "AutoencoderKL"
 _EPS = 1e-6     # GroupNorm epsilon of every VAE norm, fixed in the original (ldm) and diffusers code

@@ -24,6 +24,7 @@ from nanodiffusion.diffusion.sampling_plan import SIGMA_SCHEDULES, final_latent,
 from nanodiffusion.diffusion.schedules import check_num_steps
 from nanodiffusion.errors import UserError
 from nanodiffusion.images import image_grid, to_pil
+from nanodiffusion.nets.vae_tiling import decode_sliced, decode_tiled
 from nanodiffusion.pipelines.img2img import (
     ImageInput, img2img_sigmas, inpainting_denoiser, prepare_images, prepare_mask,
 )
@@ -138,6 +139,11 @@ class TextToImage:
         self.schedule = SchedulerSettings.from_diffusers_config(self.scheduler_config)
         self.denoiser = Denoiser(self._eps, self.schedule.alphas_cumprod, self.schedule.prediction)
         self.show_progress = True
+        # Memory-bounded VAE decoding (nets/vae_tiling.py): tiles of this many latent pixels (None: whole
+        # images), overlapping by vae_tile_overlap; vae_slicing decodes the images of a batch one by one.
+        self.vae_tile_size: int | None = None
+        self.vae_tile_overlap = 16
+        self.vae_slicing = False
 
     def _eps(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """The UNet as the Denoiser calls it: latents stay float32 outside, the weights may be bf16/fp16."""
@@ -180,10 +186,25 @@ class TextToImage:
         size = self.unet.config.sample_size
         return (size if isinstance(size, int) else size[0]) * self.vae_factor
 
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "TextToImage":
-        """Move (and cast) the three networks; returns the pipeline."""
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None, *,
+           memory_format: torch.memory_format | None = None) -> "TextToImage":
+        """Move (and cast) the three networks; returns the pipeline.
+
+        `memory_format=torch.channels_last` stores the UNet's and VAE's conv weights NHWC, and so runs their
+        feature maps NHWC (measured faster in bf16 on an AVX-512 CPU: benchmarks/README.md).
+        """
         for module in (self.unet, self.vae, self.text_encoder):
             module.to(device=device, dtype=dtype)
+        if memory_format is not None:
+            for module in (self.unet, self.vae):
+                module.to(memory_format=memory_format)
+        return self
+
+    def compile(self, **options) -> "TextToImage":
+        """`torch.compile` the UNet and the VAE decoder in place (opt-in: the first call compiles for
+        minutes on a small CPU; figures in benchmarks/README.md). `options` go to `torch.compile`."""
+        self.unet.compile(**options)
+        self.vae.decoder.compile(**options)
         return self
 
     def sigmas(self, sampler: str, num_steps: int, sigma_schedule: str = "default") -> torch.Tensor:
@@ -338,16 +359,26 @@ class TextToImage:
         """
         z = latents / self.vae.config.scaling_factor
         vae_dtype = next(self.vae.parameters()).dtype
-        images = self.vae.decode(z.to(self.device, vae_dtype)).float()
+        images = self._decode(z.to(self.device, vae_dtype))
         if not images.isfinite().all() and vae_dtype != torch.float32:
             warnings.warn(f"the VAE overflowed in {vae_dtype} (NaN pixels): decoding in float32 from now on",
                           stacklevel=2)
             self.vae.float()
-            images = self.vae.decode(z.to(self.device, torch.float32))
+            images = self._decode(z.to(self.device, torch.float32))
         if not images.isfinite().all():
             raise UserError("the image has NaN pixels: the UNet overflowed (try dtype bfloat16 or float32)"
                             if not latents.isfinite().all() else "the VAE produced NaN pixels")
         return images
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Float32 images of unscaled latents, tiled and/or one image at a time as the pipeline is set."""
+        def decode(latents: torch.Tensor) -> torch.Tensor:
+            if self.vae_tile_size is None:
+                return self.vae.decode(latents).float()
+            return decode_tiled(self.vae.decode, latents, tile_size=self.vae_tile_size,
+                                overlap=self.vae_tile_overlap, factor=self.vae_factor)
+
+        return decode_sliced(decode, z) if self.vae_slicing else decode(z)
 
     def _postprocess(self, latents: torch.Tensor, output_type: str):
         if output_type == "latent":

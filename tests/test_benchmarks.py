@@ -1,0 +1,25 @@
+"""The SD v1.5 speed benchmark's quick mode (tiny networks) as a regression check: it must run end to end and
+find every output of ours in agreement with diffusers (it exits non-zero otherwise). Its timings and ratios
+are printed, never asserted."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def test_sd15_speed_quick_mode_runs_and_outputs_agree(tmp_path):
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    completed = subprocess.run([sys.executable, str(BENCHMARKS / "sd15_speed.py"), "--quick", "--repeats", "1",
+                                "--work", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    print(completed.stdout)                       # the ratios, for whoever reads the CI log
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    out = completed.stdout
+    for config in ("ref-fp32", "ref-bf16", "ours-fp32", "ours-bf16"):
+        assert f"{config}: done" in out
+    assert "ours-bf16/ref-fp32" in out and "FAILS" not in out
+    assert "ours-fp32      unet-8 max|diff|" in out
