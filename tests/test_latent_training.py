@@ -150,3 +150,23 @@ def test_cli_trains_the_three_stages_into_a_text_to_image_model(tmp_path, capsys
         assert image.size == (16, 16) and image.mode == "L"
     joint = TextToImage.from_pretrained(tmp_path / "joint" / "pipeline")
     assert joint.tokenizer.model_max_length == joint.text_encoder.config.max_positions == 16
+
+
+def test_encoded_latents_are_cached_for_the_same_vae_and_images_only(tmp_path, dataset, monkeypatch):
+    from nanodiffusion.training import latent_trainer
+    first = make_trainer(tmp_path, dataset, max_steps=1)
+    assert (tmp_path / "run" / "latents.safetensors").is_file()
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("encoded again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(latent_trainer, "encode_dataset", no_encoding)
+        again = make_trainer(tmp_path, dataset, max_steps=1)          # same seed: the same VAE weights
+        assert torch.equal(again.latent_mean, first.latent_mean)
+        with pytest.raises(AssertionError, match="encoded again"):
+            make_trainer(tmp_path, dataset, max_steps=1, bf16=True)     # other dtype: other latents
+    torch.manual_seed(1)
+    other_vae = AutoencoderKL(VAE)
+    key = latent_trainer.latents_key(other_vae, dataset, 0, False)
+    assert key != latent_trainer.latents_key(first.vae, dataset, 0, False)

@@ -1,18 +1,22 @@
 """Training the text-conditioned UNet of a latent diffusion model (Rombach et al. 2022, §3.3, eq. 2).
 
-The data set is encoded once by the frozen VAE and its latents are kept in memory, scaled by the VAE's
-`scaling_factor`: by default the posterior means, or with `sample_posterior` a fresh draw z ~ q(z|x) at each
-visit. Captions are dropped to "" with probability `caption_dropout`, as SD does, so that the one network
+The data set is encoded once by the frozen VAE (under bf16 autocast when training in bf16) and its latents are
+kept in memory, scaled by the VAE's `scaling_factor`: by default the posterior means, or with
+`sample_posterior` a fresh draw z ~ q(z|x) at each visit. They are cached in `out_dir/latents.safetensors`,
+keyed by a hash of the VAE weights and the images, so a resumed run does not encode them again. Captions are dropped to "" with probability `caption_dropout`, as SD does, so that the one network
 also learns the unconditional prediction that classifier-free guidance needs (Ho & Salimans 2022). The text
 encoder is frozen (pre-trained by `train text-encoder`, as SD freezes CLIP) or trained jointly with the UNet
 (`train_text_encoder`: its parameters join the UNet's optimizer and EMA). The result is a diffusers Stable
 Diffusion folder that `TextToImage.from_pretrained` and diffusers' StableDiffusionPipeline load.
 """
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from nanodiffusion.data.captioned import CaptionedDataset
 from nanodiffusion.diffusion.forward import q_sample
@@ -26,6 +30,7 @@ from nanodiffusion.pipelines.text_to_image import TextToImage
 from nanodiffusion.tokenizer import CLIPTokenizer
 from nanodiffusion.training import distributed
 from nanodiffusion.training.captions import check_tokenizer
+from nanodiffusion.training.checkpoint import load_checkpoint, save_checkpoint
 from nanodiffusion.training.denoising import DenoisingConfig, denoising_loss
 from nanodiffusion.training.ema import EMA
 from nanodiffusion.training.export import scheduler_config
@@ -36,6 +41,7 @@ from nanodiffusion.weights import SDComponents, save_diffusers
 SMALL_UNET = SDUNetConfig(model_channels=64, channel_mult=(1, 2, 2), attention_levels=(1, 2), num_heads=4,
                           context_dim=128, sample_size=8)
 PIPELINE_FOLDER = "pipeline"            # the diffusers folder written under out_dir at the end
+LATENT_CACHE = "latents.safetensors"    # the encoded data set, under out_dir
 GRID_PROMPTS, GRID_COLUMNS, GRID_STEPS = 4, 4, 25
 
 
@@ -57,18 +63,45 @@ class LatentTrainConfig(DenoisingConfig):
 
 
 @torch.no_grad()
-def encode_dataset(vae: AutoencoderKL, dataset: CaptionedDataset, *, batch_size: int = 256,
-                   seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_dataset(vae: AutoencoderKL, dataset: CaptionedDataset, *, batch_size: int = 256, seed: int = 0,
+                   bf16: bool = False, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Unscaled posterior means and standard deviations (N, C, h, w), float32 on the CPU, of every image
-    (`dataset.batch` is called with Generator(seed))."""
+    (`dataset.batch` is called with Generator(seed)); `bf16` runs the encoder under bf16 autocast."""
     generator = torch.Generator().manual_seed(seed)
     device = next(vae.parameters()).device
     means, stds = [], []
-    for chunk in torch.arange(len(dataset)).split(batch_size):
-        posterior = vae.encode(dataset.batch(chunk, generator)[0].to(device))
+    chunks = torch.arange(len(dataset)).split(batch_size)
+    for chunk in tqdm(chunks, desc="encoding the images", unit="batch", disable=not progress, leave=False):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            posterior = vae.encode(dataset.batch(chunk, generator)[0].to(device))
         means.append(posterior.mean.float().cpu())
         stds.append(posterior.std.float().cpu())
     return torch.cat(means), torch.cat(stds)
+
+
+def latents_key(vae: AutoencoderKL, dataset: CaptionedDataset, seed: int, bf16: bool) -> str:
+    """A hash of everything the encoded latents depend on: VAE config and weights, the images, seed, dtype."""
+    digest = hashlib.sha256(json.dumps([vae.config.to_dict(), seed, bf16]).encode())
+    for name, tensor in sorted(vae.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    digest.update(dataset.images.contiguous().numpy().data)
+    return digest.hexdigest()
+
+
+def cached_latents(vae: AutoencoderKL, dataset: CaptionedDataset, cache: Path, *, seed: int, bf16: bool,
+                   write: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """`encode_dataset`'s result, read from `cache` when it holds the latents of this VAE and these images,
+    else computed (and written there, atomically, when `write`)."""
+    key = latents_key(vae, dataset, seed, bf16)
+    if cache.is_file():
+        tensors, meta = load_checkpoint(cache)
+        if meta.get("key") == key:
+            return tensors["mean"], tensors["std"]
+    mean, std = encode_dataset(vae, dataset, seed=seed, bf16=bf16, progress=write)
+    if write:
+        save_checkpoint(cache, {"mean": mean, "std": std}, {"key": key})
+    return mean, std
 
 
 class LatentTrainer:
@@ -83,7 +116,9 @@ class LatentTrainer:
         self.run = RunState(config, len(dataset))
         device = self.run.device
         self.vae = vae.to(device).eval().requires_grad_(False)
-        mean, std = encode_dataset(self.vae, dataset, seed=config.seed)
+        self.out_dir = Path(config.out_dir)
+        mean, std = cached_latents(self.vae, dataset, self.out_dir / LATENT_CACHE, seed=config.seed,
+                                   bf16=config.bf16, write=self.run.is_main)
         _check_configs(unet_config, vae.config, text_encoder.config, mean.shape)
         self.latent_mean, self.latent_std = mean * vae.config.scaling_factor, std * vae.config.scaling_factor
         self.unet = SDUNet(unet_config).to(device)
@@ -107,7 +142,6 @@ class LatentTrainer:
         self.unet_net = distributed.parallel(self.unet)
         self.text_net = distributed.parallel(self.text_encoder) if joint else self.text_encoder
         self.alphas_cumprod = get_alphas_cumprod(schedule).float().to(device)
-        self.out_dir = Path(config.out_dir)
 
     @property
     def state(self) -> TrainState:
