@@ -7,6 +7,7 @@ diffusers folder. A single file holds no tokenizer: converting one to a folder n
 from pathlib import Path
 
 from nanodiffusion.errors import UserError
+from nanodiffusion.pipelines.text_to_image import BUILTIN_MODELS
 from nanodiffusion.tokenizer import CLIPTokenizer
 from nanodiffusion.weights import load_sd, save_diffusers, save_single_file
 from nanodiffusion.weights.components import DTYPES
@@ -16,7 +17,8 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 
 def add_arguments(p) -> None:
-    p.add_argument("src", help="diffusers folder, .safetensors or .ckpt file, or Hugging Face repo id")
+    p.add_argument("src", help="diffusers folder, .safetensors or .ckpt file, Hugging Face repo id, or "
+                               "`builtin` (the built-in text-to-image model)")
     p.add_argument("dst", help="output: a folder (diffusers) or a .safetensors / .ckpt file (single file)")
     p.add_argument("--to", choices=["diffusers", "single-file"],
                    help="output layout; default: from DST's name (must agree with it when given)")
@@ -37,7 +39,8 @@ def run(args) -> None:
     if layout == "diffusers" and dst.exists() and not dst.is_dir():
         raise UserError(f"{dst} is a file; a diffusers folder needs a folder path")
     tokenizer = CLIPTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else None
-    components = load_sd(args.src, dtype=args.dtype, variant=args.variant, trust_pickle=args.trust_pickle,
+    src = BUILTIN_MODELS.get(args.src, args.src)
+    components = load_sd(src, dtype=args.dtype, variant=args.variant, trust_pickle=args.trust_pickle,
                          tokenizer=tokenizer)
     if layout == "diffusers":
         save_diffusers(components, dst)
