@@ -7,6 +7,7 @@ import io
 import os
 import struct
 from collections.abc import Sequence
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -108,13 +109,18 @@ def image_grid(images: Sequence[Image.Image], rows: int, cols: int) -> Image.Ima
     return grid
 
 
-def save_png(image: Image.Image, path: str | os.PathLike, text: dict[str, str] | None = None) -> None:
-    """Save `image` as a PNG with `text` as text chunks (e.g. A1111's "parameters"); the write is atomic."""
+def write_png(image: Image.Image, file: BinaryIO, text: dict[str, str] | None = None) -> None:
+    """Write `image` as PNG to an open binary file, with `text` as text chunks (e.g. A1111's "parameters")."""
     info = PngImagePlugin.PngInfo()
     for key, value in (text or {}).items():
         info.add_text(key, value)                   # tEXt when Latin-1 encodable, else UTF-8 iTXt
+    image.save(file, format="PNG", pnginfo=info)
+
+
+def save_png(image: Image.Image, path: str | os.PathLike, text: dict[str, str] | None = None) -> None:
+    """Save `image` as a PNG with `text` as text chunks (`write_png`); the write is atomic."""
     with atomic_write(path) as file:
-        image.save(file, format="PNG", pnginfo=info)
+        write_png(image, file, text)
 
 
 def read_png_text(path: str | os.PathLike) -> dict[str, str]:

@@ -7,8 +7,7 @@ import io
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from PIL import PngImagePlugin
-
+from nanodiffusion.images import write_png
 from nanodiffusion.pipelines.metadata import PARAMETERS_KEY, SETTINGS_KEY, a1111_parameters, settings_json
 from nanodiffusion.pipelines.scheduling import resolve_sampler
 from nanodiffusion.server.jobs import GeneratedImage, Job
@@ -46,9 +45,6 @@ def run_job(pipe, model: ServedModel, job: Job) -> None:
 
 def png_bytes(image, text: dict[str, str]) -> bytes:
     """`image` (PIL) as PNG file bytes with `text` as text chunks, as `images.save_png` writes them."""
-    info = PngImagePlugin.PngInfo()
-    for key, value in text.items():
-        info.add_text(key, value)                   # tEXt when Latin-1 encodable, else UTF-8 iTXt
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
+    write_png(image, buffer, text)
     return buffer.getvalue()
