@@ -52,7 +52,7 @@ def add_arguments(p) -> None:
                         f"(default {' '.join(map(str, SWEEP_STEPS))})")
     p.add_argument("--guidance", type=float, default=depends,
                    help=f"classifier-free guidance scale, 1 = none (default {DEFAULT_GUIDANCE:g} for a DDPM model, "
-                        f"{GenerationRequest.guidance_scale:g} for text-to-image)")
+                        "the model's generation default for text-to-image)")
     text = p.add_argument_group("text-to-image models")
     text.add_argument("--prompts", nargs="+", choices=PROMPT_SETS, default=list(PROMPT_SETS),
                       help="prompt sets to judge (default: all)")
@@ -97,18 +97,21 @@ def run(args) -> None:
 
 
 def run_text_to_image(args, samplers, step_counts) -> None:
-    """Prompt adherence of a text-to-image model (the sampler and steps default to the pipeline's)."""
+    """Prompt adherence of a text-to-image model (sampler, steps and guidance default to the model's)."""
     if args.images_per_class < 1 or args.num_shapes < 1:
         raise UserError("--images-per-class and --num-shapes must be >= 1")
     path = TEXT_TO_IMAGE_MODELS.get(args.model, args.model)
     if not Path(path).exists():
         raise UserError(f"the built-in text-to-image model ({args.model!r}) is not installed")
     pipe = TextToImage.from_pretrained(path)
-    options = {"guidance_scale": vars(args).get("guidance", GenerationRequest.guidance_scale),
+    defaults = {**{field: getattr(GenerationRequest, field) for field in ("guidance_scale", "sampler",
+                                                                          "num_steps")},
+                **pipe.generation_defaults}                  # the model's own, where it has them
+    options = {"guidance_scale": vars(args).get("guidance", defaults["guidance_scale"]),
                "seed": args.seed, "data_dir": args.data_dir, "batch_size": args.batch_size,
                "images_per_class": args.images_per_class, "num_shapes": args.num_shapes}
-    samplers = samplers or [GenerationRequest.sampler]
-    step_counts = step_counts or [GenerationRequest.num_steps]
+    samplers = samplers or [defaults["sampler"]]
+    step_counts = step_counts or [defaults["num_steps"]]
     if args.sweep:
         result = sweep_text_to_image(pipe, tuple(args.prompts), samplers=samplers, step_counts=step_counts,
                                      **options)

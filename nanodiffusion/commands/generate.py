@@ -44,9 +44,10 @@ def add_arguments(p) -> None:
                         f"(default: {DEFAULT_MODEL})")
     p.add_argument("--negative", dest="negative_prompt", default=SUPPRESS, help="negative prompt")
     p.add_argument("--steps", dest="num_steps", type=int, default=SUPPRESS,
-                   help=f"sampling steps (default: {DEFAULTS['num_steps']})")
+                   help=f"sampling steps (default: the model's, else {DEFAULTS['num_steps']})")
     p.add_argument("--guidance", dest="guidance_scale", type=float, default=SUPPRESS,
-                   help=f"classifier-free guidance scale, 1 = none (default: {DEFAULTS['guidance_scale']})")
+                   help="classifier-free guidance scale, 1 = none (default: the model's, else "
+                        f"{DEFAULTS['guidance_scale']})")
     p.add_argument("--seed", type=int, default=SUPPRESS,
                    help="seed of the first image, image k gets seed + k (default: random)")
     p.add_argument("--size", type=_size, default=SUPPRESS,
@@ -54,7 +55,7 @@ def add_arguments(p) -> None:
     p.add_argument("-n", "--num-images", type=int, default=1, help="number of images")
     p.add_argument("--sampler", default=SUPPRESS,
                    help=f"sampler: pndm, ddim, euler, euler_a, dpmpp_2m, lms, heun, unipc, ... "
-                        f"(default: {DEFAULTS['sampler']})")
+                        f"(default: the model's, else {DEFAULTS['sampler']})")
     p.add_argument("--sigma-schedule", dest="sigma_schedule", choices=SIGMA_SCHEDULES, default=SUPPRESS,
                    help="sigma grid (default: default, the scheduler's own timesteps)")
     p.add_argument("--clip-skip", dest="clip_skip", type=int, default=SUPPRESS,
@@ -83,7 +84,8 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def build_request(args) -> tuple[GenerationRequest, dict]:
-    """The request and the run settings (model, dtype, device): --from's PNG, then the flags given."""
+    """The request and the run settings (model, dtype, device, and "chosen": the request fields that --from's
+    PNG or a flag set): --from's PNG, then the flags given."""
     given = vars(args)
     stored, run = {}, {"model": DEFAULT_MODEL, "dtype": "fp32", "model_hash": None, "device": None}
     if args.from_image:
@@ -102,6 +104,7 @@ def build_request(args) -> tuple[GenerationRequest, dict]:
     values["num_images_per_prompt"] = 1                 # one image per call: each PNG replays alone
     for key in ("model", "dtype"):
         run[key] = given.get(key, run[key])
+    run["chosen"] = set(values)
     return GenerationRequest.from_dict(values), run
 
 
@@ -153,6 +156,9 @@ def run(args) -> None:
         _warn_if_different(settings, digest, device)
     pipe = TextToImage.from_pretrained(path, dtype=DTYPES[settings["dtype"]], device=device)
     pipe.show_progress = False
+    # the model's own defaults (the built-in model's guidance, sampler, steps) where nothing chose a value
+    request = replace(request, **{key: value for key, value in pipe.generation_defaults.items()
+                                  if key not in settings["chosen"]})
     name = path.stem if path.is_file() else Path(settings["model"]).name   # A1111's "Model": file stem
     images, animations, texts = [], [], []
     for k, (seed, out) in enumerate(zip(seeds, paths)):

@@ -8,6 +8,7 @@ stochastic samplers' step noise. diffusers' StableDiffusionPipeline draws the sa
 from one generator, so both give the same images (tests/test_pipeline_parity.py).
 """
 
+import json
 import random
 import warnings
 from dataclasses import asdict, dataclass, fields, replace
@@ -120,12 +121,42 @@ class TextToImageOutput:
     request: GenerationRequest                  # as run: seed, height and width filled in
 
 
+# A model folder may hold the generation settings its makers measured best for it (the built-in model's
+# guidance, sampler and steps); they replace GenerationRequest's SD defaults where a call gives none.
+# diffusers ignores the file.
+GENERATION_DEFAULTS_FILE = "generation_defaults.json"
+DEFAULTABLE_SETTINGS = ("num_steps", "guidance_scale", "sampler", "sigma_schedule")
+
+
+def read_generation_defaults(folder: str | Path) -> dict:
+    """The settings in `folder/generation_defaults.json` ({} when there is none); a UserError if malformed."""
+    path = Path(folder) / GENERATION_DEFAULTS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        defaults = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read {path}: {error}") from error
+    return check_generation_defaults(defaults, str(path))
+
+
+def check_generation_defaults(defaults: dict, where: str = "generation defaults") -> dict:
+    if not isinstance(defaults, dict) or set(defaults) - set(DEFAULTABLE_SETTINGS):
+        raise UserError(f"{where}: expected a JSON object with keys among {', '.join(DEFAULTABLE_SETTINGS)}")
+    GenerationRequest("", **defaults)                   # the same checks as a request's
+    return dict(defaults)
+
+
 class TextToImage:
     """`TextToImage(unet, vae, text_encoder, tokenizer, scheduler_config)` or `from_pretrained(path)`;
     `pipe(prompt, ...)` returns a TextToImageOutput whose `.images` are PIL images by default.
+
+    `generation_defaults` (read from a model folder's generation_defaults.json) replace GenerationRequest's
+    defaults for num_steps, guidance_scale, sampler and sigma_schedule where a call gives none.
     """
 
-    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler_config: dict | None = None):
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler_config: dict | None = None, *,
+                 generation_defaults: dict | None = None):
         if unet.config.context_dim != text_encoder.config.hidden_size:
             raise UserError(f"the UNet attends to {unet.config.context_dim}-wide text states but the text "
                             f"encoder gives {text_encoder.config.hidden_size}")
@@ -138,6 +169,7 @@ class TextToImage:
         self.scheduler_config = dict(scheduler_config or SD15_SCHEDULER)
         self.schedule = SchedulerSettings.from_diffusers_config(self.scheduler_config)
         self.denoiser = Denoiser(self._eps, self.schedule.alphas_cumprod, self.schedule.prediction)
+        self.generation_defaults = check_generation_defaults(generation_defaults or {})
         self.show_progress = True
         # Memory-bounded VAE decoding (nets/vae_tiling.py): tiles of this many latent pixels (None: whole
         # images), overlapping by vae_tile_overlap; vae_slicing decodes the images of a batch one by one.
@@ -163,7 +195,10 @@ class TextToImage:
         if parts.tokenizer is None:
             raise UserError(f"{path_or_repo} holds no tokenizer: pass "
                             "tokenizer=CLIPTokenizer.from_pretrained(a CLIP tokenizer folder)")
-        return cls(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.scheduler_config)
+        folder = Path(path_or_repo) if Path(path_or_repo).is_dir() else None
+        defaults = read_generation_defaults(folder) if folder else {}
+        return cls(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.scheduler_config,
+                   generation_defaults=defaults)
 
     @property
     def device(self) -> torch.device:
@@ -227,7 +262,7 @@ class TextToImage:
         unknown = set(settings) - {field.name for field in fields(GenerationRequest)}
         if unknown:
             raise UserError(f"unknown generation settings: {', '.join(sorted(unknown))}")
-        request = GenerationRequest(prompt, negative_prompt, **settings)
+        request = GenerationRequest(prompt, negative_prompt, **{**self.generation_defaults, **settings})
         return self.generate(request, generator=generator, latents=latents, image=image,
                              mask_image=mask_image, output_type=output_type, callback=callback)
 
