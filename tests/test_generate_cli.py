@@ -118,10 +118,12 @@ def test_info_prints_the_parameters(model, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["request"]["prompt"] == "a cat"
 
 
-def test_default_model_is_a_constant_with_a_clear_error(capsys, tmp_path):
-    assert generate.DEFAULT_MODEL == "builtin"
+def test_default_model_is_the_builtin_one_with_a_clear_error_if_it_is_missing(capsys, tmp_path, monkeypatch):
+    from nanodiffusion.pipelines.text_to_image import BUILTIN_MODELS
+    assert generate.DEFAULT_MODEL == "builtin" and BUILTIN_MODELS["builtin"].is_dir()
+    monkeypatch.setitem(BUILTIN_MODELS, "builtin", tmp_path / "not-installed")
     err = cli_error(capsys, "generate", "a cat", "--out", tmp_path / "x.png")
-    assert "error: the built-in text-to-image model ('builtin') is not shipped yet" in err
+    assert "error: the built-in text-to-image model ('builtin') is not shipped yet (or was removed)" in err
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -112,7 +112,8 @@ def resolve_model(model: str) -> Path:
     """Local path of a model argument (downloading a repo id to the Hugging Face cache)."""
     if model in BUILTIN_MODELS:
         if not BUILTIN_MODELS[model].exists():
-            raise UserError(f"the built-in text-to-image model ({DEFAULT_MODEL!r}) is not shipped yet: pass "
+            raise UserError(f"the built-in text-to-image model ({DEFAULT_MODEL!r}) is not shipped yet (or was "
+                            "removed): pass "
                             "--model with a diffusers folder, a .safetensors/.ckpt file or a Hugging Face "
                             "repo id")
         return BUILTIN_MODELS[model]
