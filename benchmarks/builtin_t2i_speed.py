@@ -4,7 +4,8 @@ side by side with diffusers' StableDiffusionPipeline running the same weights an
 Measured, each the best of --repeats after a warm-up call, 4 prompts in one call:
     ours        TextToImage.from_pretrained("builtin")(prompts) with every default (sampler, steps, guidance)
     ours-bf16   the same with dtype=torch.bfloat16
-    diffusers   StableDiffusionPipeline.from_pretrained(the same folder), same steps and guidance
+    diffusers   StableDiffusionPipeline.from_pretrained(the same folder) with DPMSolverMultistepScheduler (our
+                default sampler's counterpart), the same steps and guidance
     cli         `nanodiffusion generate PROMPT -n 4` in a fresh process (imports, loading and PNGs included;
                 the CLI draws the images one call each, so that each PNG replays alone)
 
@@ -42,12 +43,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from nanodiffusion.pipelines.text_to_image import BUILTIN_MODELS, GenerationRequest, TextToImage
+    from nanodiffusion.pipelines.text_to_image import (
+        BUILTIN_MODELS, GenerationRequest, TextToImage, read_generation_defaults,
+    )
     folder = BUILTIN_MODELS["builtin"]
-    defaults = GenerationRequest(PROMPTS)
+    defaults = GenerationRequest(PROMPTS, **read_generation_defaults(folder))   # what generate uses for it
     print(f"{time.strftime('%Y-%m-%d')}: torch {torch.__version__}, {args.threads} threads; built-in model, "
-          f"4 prompts, defaults: sampler {defaults.sampler}, {defaults.num_steps} steps, guidance "
-          f"{defaults.guidance_scale:g}")
+          f"4 prompts, its defaults: sampler {defaults.sampler}, {defaults.num_steps} steps, guidance "
+          f"{defaults.guidance_scale:g} (diffusers: DPMSolverMultistepScheduler, the same steps and guidance)")
     rows = []
     for name, dtype in (("ours", torch.float32), ("ours-bf16", torch.bfloat16)):
         pipe = TextToImage.from_pretrained(folder, dtype=dtype)
@@ -58,6 +61,7 @@ def main() -> None:
         import diffusers
         reference = diffusers.StableDiffusionPipeline.from_pretrained(
             folder, torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False)
+        reference.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(reference.scheduler.config)
         reference.set_progress_bar_config(disable=True)
         seconds = best_time(lambda: reference(PROMPTS, num_inference_steps=defaults.num_steps,
                                               guidance_scale=defaults.guidance_scale,
