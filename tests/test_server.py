@@ -323,7 +323,7 @@ def test_serve_needs_fastapi_and_a_model(monkeypatch, tmp_path):
         with pytest.raises(UserError, match=r"pip install 'nanodiffusion\[serve\]'"):
             serve_command("--model", str(tmp_path))
     monkeypatch.setitem(generate.BUILTIN_MODELS, "builtin", tmp_path / "not-shipped")
-    with pytest.raises(UserError, match="not shipped yet: pass --model"):
+    with pytest.raises(UserError, match=r"not shipped yet \(or was removed\): pass --model"):
         serve_command()
     with pytest.raises(UserError, match="no such model file or folder"):
         serve_command("--model", str(tmp_path / "missing"))

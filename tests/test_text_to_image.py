@@ -236,7 +236,9 @@ def test_fp16_vae_nan_is_reported_and_retried_in_float32(pipe, monkeypatch):
         nan_pipe.decode_latents(torch.full((1, 4, 16, 16), float("nan")))
 
 
-def test_missing_builtin_model_is_a_clear_error():
+def test_missing_builtin_model_is_a_clear_error(monkeypatch, tmp_path):
+    from nanodiffusion.pipelines.text_to_image import BUILTIN_MODELS
+    monkeypatch.setitem(BUILTIN_MODELS, "builtin", tmp_path / "not-installed")
     with pytest.raises(UserError, match="built-in text-to-image model is not shipped yet"):
         TextToImage.from_pretrained("builtin")
 
