@@ -27,7 +27,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sd15_weights import make, memory, reset_peak  # noqa: E402  (the shared SD v1.5 builder)
+from sd15_weights import make, memory, reset_peak, work_folder  # noqa: E402  (the shared SD v1.5 builder)
 
 CONFIGS = {
     "ref-fp32": "diffusers, fp32 (its defaults)",
@@ -427,14 +426,8 @@ def main() -> None:
                   else child(args.child, args.names.split(","), args.work, sizes, args.repeats))
         print(json.dumps(result))
         return
-    temporary = args.work is None
-    args.work = Path(tempfile.mkdtemp(prefix="sd15_speed_")) if temporary else args.work
-    args.work.mkdir(parents=True, exist_ok=True)
-    try:
+    with work_folder(args.work, "sd15_speed_") as args.work:
         report(args)
-    finally:
-        if temporary:
-            shutil.rmtree(args.work)
 
 
 if __name__ == "__main__":

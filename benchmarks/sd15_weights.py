@@ -9,6 +9,7 @@ differences against our load of the diffusers folder, the load times and the pea
 """
 
 import argparse
+import contextlib
 import gzip
 import json
 import shutil
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -161,6 +163,20 @@ def report(args) -> None:
             print(f"  {mode:<16} {diffs}")
 
 
+@contextlib.contextmanager
+def work_folder(work: Path | None, prefix: str) -> Iterator[Path]:
+    """`work`, created if needed and kept; or, when None, a temporary folder removed afterwards."""
+    if work is not None:
+        work.mkdir(parents=True, exist_ok=True)
+        yield work
+        return
+    temporary = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield temporary
+    finally:
+        shutil.rmtree(temporary)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -172,14 +188,8 @@ def main() -> None:
         result = make(args.work) if args.child == "make" else child(args.child, args.work, args.latent_size)
         print(json.dumps(result))
         return
-    temporary = args.work is None
-    args.work = Path(tempfile.mkdtemp(prefix="sd15_weights_")) if temporary else args.work
-    args.work.mkdir(parents=True, exist_ok=True)
-    try:
+    with work_folder(args.work, "sd15_weights_") as args.work:
         report(args)
-    finally:
-        if temporary:
-            shutil.rmtree(args.work)
 
 
 if __name__ == "__main__":
