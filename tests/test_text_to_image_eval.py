@@ -86,3 +86,19 @@ def test_eval_command_judges_a_text_to_image_folder(tmp_path, capsys):
     main(["eval", str(folder), "--sweep", "--prompts", "shapes", "--num-shapes", "2", "--steps", "1", "2",
           "--sampler", "ddim", "euler"])
     assert capsys.readouterr().out.count("shapes") >= 1
+
+
+def test_text_to_image_eval_errors_are_clear(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("diffusers")
+    from tiny_sd import save_tiny_diffusers
+    folder = save_tiny_diffusers(tmp_path / "model")
+    for argv, message in [(["--images-per-class", "0"], "--images-per-class and --num-shapes must be >= 1"),
+                          (["--sampler", "nope"], "unknown sampler 'nope'")]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["eval", str(folder), "--prompts", "shapes", "--num-shapes", "2", *argv])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    from nanodiffusion.pipelines.text_to_image import BUILTIN_MODELS
+    monkeypatch.setitem(BUILTIN_MODELS, "builtin", tmp_path / "not-installed")
+    with pytest.raises(SystemExit):
+        main(["eval", "builtin"])
+    assert "built-in text-to-image model is not shipped yet" in capsys.readouterr().err

@@ -100,18 +100,13 @@ def run_text_to_image(args, samplers, step_counts) -> None:
     """Prompt adherence of a text-to-image model (sampler, steps and guidance default to the model's)."""
     if args.images_per_class < 1 or args.num_shapes < 1:
         raise UserError("--images-per-class and --num-shapes must be >= 1")
-    path = TEXT_TO_IMAGE_MODELS.get(args.model, args.model)
-    if not Path(path).exists():
-        raise UserError(f"the built-in text-to-image model ({args.model!r}) is not installed")
-    pipe = TextToImage.from_pretrained(path)
-    defaults = {**{field: getattr(GenerationRequest, field) for field in ("guidance_scale", "sampler",
-                                                                          "num_steps")},
-                **pipe.generation_defaults}                  # the model's own, where it has them
-    options = {"guidance_scale": vars(args).get("guidance", defaults["guidance_scale"]),
+    pipe = TextToImage.from_pretrained(args.model)           # built-in names resolve there
+    defaults = GenerationRequest("", **pipe.generation_defaults)   # the model's own, else SD's
+    options = {"guidance_scale": vars(args).get("guidance", defaults.guidance_scale),
                "seed": args.seed, "data_dir": args.data_dir, "batch_size": args.batch_size,
                "images_per_class": args.images_per_class, "num_shapes": args.num_shapes}
-    samplers = samplers or [defaults["sampler"]]
-    step_counts = step_counts or [defaults["num_steps"]]
+    samplers = samplers or [defaults.sampler]
+    step_counts = step_counts or [defaults.num_steps]
     if args.sweep:
         result = sweep_text_to_image(pipe, tuple(args.prompts), samplers=samplers, step_counts=step_counts,
                                      **options)

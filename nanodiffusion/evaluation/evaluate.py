@@ -100,7 +100,7 @@ def sweep_ddpm(pipe, dataset_name: str = "fashion-mnist", num_images: int = 200,
     reference = reference_set(classifier, load_dataset(dataset_name, split="test", data_dir=data_dir))
     labels = torch.arange(num_images) % pipe.num_classes if pipe.num_classes else None
     train_set = load_dataset(dataset_name, data_dir=data_dir)
-    real_images, real_labels = _real_sample(train_set, num_images, labels, seed)
+    real_images, real_labels = real_sample(train_set, num_images, labels, seed)
     real = evaluate_images(classifier, real_images, real_labels if labels is not None else None, reference)
     runs = []
     for name in samplers:
@@ -148,7 +148,7 @@ def _check_compatible(pipe, classifier: Classifier, class_names, dataset_name: s
                         f"{dataset_name} ({', '.join(class_names)}): pass the --dataset it was trained on")
 
 
-def _real_sample(dataset: ImageDataset, num_images: int, labels: torch.Tensor | None,
+def real_sample(dataset: ImageDataset, num_images: int, labels: torch.Tensor | None,
                  seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Random real images with the class counts of `labels` (any classes when None), and their labels."""
     generator = torch.Generator().manual_seed(seed)

@@ -1,4 +1,7 @@
-"""Plain-text tables of the results of `evaluate_ddpm` and `sweep_ddpm`."""
+"""Plain-text tables of the results of `evaluate_ddpm` and `sweep_ddpm`, and of the text-to-image
+evaluations (`evaluation.text_to_image_eval`)."""
+
+from nanodiffusion.evaluation.text_to_image_eval import headline
 
 DISTANCE_NAME = "Fréchet distance (classifier features)"
 
@@ -117,12 +120,8 @@ def format_text_to_image_sweep(sweep: dict) -> str:
     """Adherence per prompt set for each sampler x step count."""
     runs = sweep["runs"]
     names = list(runs[0]["results"])
-    rows = []
-    for run in runs:
-        s = run["settings"]
-        cells = [run["results"][name]["all"] if name == "shapes" else run["results"][name]["class_agreement"]
-                 for name in names]
-        rows.append([s["sampler"], str(s["num_steps"]), *map(percent, cells)])
+    rows = [[run["settings"]["sampler"], str(run["settings"]["num_steps"]),
+             *map(percent, headline(run).values())] for run in runs]
     s = runs[0]["settings"]
     return "\n".join([f"text-to-image adherence, guidance {s['guidance_scale']:g}, seed {s['seed']}", "",
                       format_table(["sampler", "steps", *names], rows)])

@@ -21,7 +21,7 @@ from nanodiffusion.data.datasets import load_dataset, resize_uint8
 from nanodiffusion.data.shapes import ShapesDataset, describe
 from nanodiffusion.errors import UserError
 from nanodiffusion.evaluation.classifier import classifier_for_dataset
-from nanodiffusion.evaluation.evaluate import evaluate_images, reference_set
+from nanodiffusion.evaluation.evaluate import evaluate_images, real_sample, reference_set
 from nanodiffusion.evaluation.shapes_check import shapes_adherence
 from nanodiffusion.images import float_to_uint8, uint8_to_float
 from nanodiffusion.pipelines.scheduling import resolve_sampler
@@ -140,12 +140,7 @@ def _real_round_trip(classifier, reference, test_set, labels: torch.Tensor, shap
                      seed: int) -> dict:
     """The metrics of real test images of the same classes, resized to the generated size and back, in as
     many channels as the generated ones."""
-    generator = torch.Generator().manual_seed(seed)
-    counts = torch.bincount(labels, minlength=test_set.num_classes)
-    indices = torch.cat([torch.nonzero(test_set.labels == k).flatten()[
-        torch.randperm(int((test_set.labels == k).sum()), generator=generator)[:count]]
-        for k, count in enumerate(counts.tolist())])
-    images, real_labels = test_set.batch(indices)
+    images, real_labels = real_sample(test_set, len(labels), labels, seed)
     pixels = float_to_uint8(images)
     if pixels.shape[-1] != shape[-1]:
         pixels = resize_uint8(pixels, shape[-1])
