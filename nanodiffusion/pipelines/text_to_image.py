@@ -31,7 +31,7 @@ from nanodiffusion.pipelines.img2img import (
 )
 from nanodiffusion.pipelines.prompts import count_chunks, encode_prompts
 from nanodiffusion.pipelines.scheduling import DEFAULT_SAMPLER, SchedulerSettings, resolve_sampler
-from nanodiffusion.weights import load_sd
+from nanodiffusion.weights import file_pages, load_sd
 from nanodiffusion.weights.components import SD15_SCHEDULER
 
 __all__ = ["TextToImage", "GenerationRequest", "TextToImageOutput", "image_grid", "resolve_sampler"]
@@ -183,9 +183,14 @@ class TextToImage:
 
     @classmethod
     def from_pretrained(cls, path_or_repo: str | Path, *, dtype: torch.dtype | str = torch.float32,
-                        device: str | torch.device = "cpu", tokenizer=None) -> "TextToImage":
+                        device: str | torch.device = "cpu", tokenizer=None,
+                        memory_format: torch.memory_format | None = None) -> "TextToImage":
         """Load a diffusers folder, a single-file checkpoint or a Hugging Face repo id (`load_sd`); a single
-        file holds no tokenizer, pass one (`CLIPTokenizer.from_pretrained(folder)`)."""
+        file holds no tokenizer, pass one (`CLIPTokenizer.from_pretrained(folder)`).
+
+        `memory_format` lays the UNet's and VAE's conv weights out (see `to`); None picks channels_last for
+        bf16 on a CPU (measured faster there for both networks: benchmarks/README.md) and leaves the rest.
+        """
         if str(path_or_repo) in BUILTIN_MODELS:
             path_or_repo = BUILTIN_MODELS[str(path_or_repo)]
             if not path_or_repo.exists():
@@ -197,8 +202,11 @@ class TextToImage:
                             "tokenizer=CLIPTokenizer.from_pretrained(a CLIP tokenizer folder)")
         folder = Path(path_or_repo) if Path(path_or_repo).is_dir() else None
         defaults = read_generation_defaults(folder) if folder else {}
-        return cls(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.scheduler_config,
+        pipe = cls(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.scheduler_config,
                    generation_defaults=defaults)
+        if memory_format is None and pipe.dtype == torch.bfloat16 and pipe.device.type == "cpu":
+            memory_format = torch.channels_last
+        return pipe.to(memory_format=memory_format) if memory_format is not None else pipe
 
     @property
     def device(self) -> torch.device:
@@ -226,13 +234,19 @@ class TextToImage:
         """Move (and cast) the three networks; returns the pipeline.
 
         `memory_format=torch.channels_last` stores the UNet's and VAE's conv weights NHWC, and so runs their
-        feature maps NHWC (measured faster in bf16 on an AVX-512 CPU: benchmarks/README.md).
+        feature maps NHWC (measured faster in bf16 on an AVX-512 CPU: benchmarks/README.md). Tensors are
+        converted one at a time and the memory-mapped file pages of those replaced are given back, so a
+        conversion never holds two copies of the weights.
         """
         for module in (self.unet, self.vae, self.text_encoder):
-            module.to(device=device, dtype=dtype)
-        if memory_format is not None:
-            for module in (self.unet, self.vae):
-                module.to(memory_format=memory_format)
+            layout = memory_format if module is not self.text_encoder else None
+
+            def change(tensor: torch.Tensor, layout=layout) -> torch.Tensor:
+                cast = dtype if tensor.is_floating_point() else None
+                return tensor.to(device=device, dtype=cast, memory_format=layout if layout is not None
+                                 and tensor.dim() == 4 else torch.preserve_format)
+            # tensor by tensor, giving back the file pages of the weights it replaces (file_pages)
+            file_pages.convert_module(module, change)
         return self
 
     def compile(self, **options) -> "TextToImage":

@@ -4,7 +4,7 @@ Networks are built on the `meta` device (shapes only, no memory), checked key by
 against the state dict, and then take its tensors with `load_state_dict(assign=True)`. The tensors come
 memory-mapped from the file (see `safe_load`): when the file's dtype is the one asked for, the parameters
 *are* the mapped file pages; otherwise each tensor is converted on its own, so at most one converted copy of
-the weights exists, plus one source tensor in flight.
+the weights exists, plus one source tensor in flight (whose file pages are then given back: `file_pages`).
 """
 
 from collections.abc import Mapping
@@ -17,6 +17,7 @@ from nanodiffusion.nets.clip_text import CLIPTextConfig, CLIPTextModel
 from nanodiffusion.nets.sd_unet import SDUNet, SDUNetConfig
 from nanodiffusion.nets.vae import AutoencoderKL, VAEConfig
 from nanodiffusion.tokenizer import CLIPTokenizer
+from nanodiffusion.weights import file_pages
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 NETWORKS = {"unet": (SDUNet, SDUNetConfig), "vae": (AutoencoderKL, VAEConfig),
@@ -105,10 +106,10 @@ def materialize(component: str, config, state: Mapping[str, torch.Tensor], *, dt
     """
     module = build_on_meta(component, config)
     check_state_dict(expected_shapes(module), state, what)
-    tensors = {}
-    for key, value in state.items():
-        # one tensor at a time: the only new memory is the converted weights themselves
-        tensors[key] = value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device)
+    # one tensor at a time, the file pages of each converted source given back: the only new memory is the
+    # converted weights themselves
+    tensors = file_pages.convert(dict(state), lambda value: value.to(
+        device=device, dtype=dtype if value.is_floating_point() else value.dtype))
     module.load_state_dict(tensors, strict=True, assign=True)
     left = [name for name, tensor in [*module.named_parameters(), *module.named_buffers()] if tensor.is_meta]
     if left:

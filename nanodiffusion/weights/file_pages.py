@@ -1,0 +1,94 @@
+"""Give back the memory-mapped file pages of weights that were converted, so a conversion costs one copy.
+
+Loading maps the weight file (see `safe_load`). A tensor used as it is stays those pages; a tensor converted to
+another dtype or memory layout is read once, and its pages would then stay resident in the process (counted
+in its RSS) until the whole mapping goes, although nothing reads them again. `convert` converts tensor by
+tensor and drops the source's pages from the process right after each copy (`madvise(MADV_DONTNEED)`), so
+loading an fp32 file as bf16, or re-laying conv weights out channels-last, peaks at the converted weights
+plus one tensor instead of both copies (figures in benchmarks/README.md).
+
+Only pages of a read-only-used *file* mapping are dropped, never anonymous memory: dropped file pages read
+back from the file if anything touches them again, so sharing or aliasing tensors stay correct. Elsewhere
+than Linux this does nothing.
+"""
+
+import ctypes
+import mmap
+import sys
+from collections.abc import Callable
+
+import torch
+
+_MADV_DONTNEED = 4                      # linux/mman-common.h
+_PAGE = mmap.PAGESIZE
+
+
+def file_mappings() -> list[tuple[int, int]]:
+    """(start, end) address ranges of this process's mappings of regular files (Linux; [] elsewhere)."""
+    if sys.platform != "linux":
+        return []
+    ranges = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            # address perms offset dev inode path: a file mapping has an inode and an absolute path
+            if len(fields) == 6 and fields[4] != "0" and fields[5].startswith("/") \
+                    and not fields[5].startswith("/dev/"):
+                start, end = (int(part, 16) for part in fields[0].split("-"))
+                ranges.append((start, end))
+    return ranges
+
+
+def release(tensor: torch.Tensor, mappings: list[tuple[int, int]]) -> int:
+    """Drop the whole pages inside `tensor`'s bytes from this process when they lie in one of `mappings`
+    (file mappings, see `file_mappings`); returns the bytes dropped. The tensor stays valid (re-read on use)."""
+    if tensor.device.type != "cpu" or not tensor.is_contiguous() and not _dense(tensor):
+        return 0
+    begin = tensor.data_ptr()
+    end = begin + tensor.numel() * tensor.element_size()
+    first, last = -(-begin // _PAGE) * _PAGE, end // _PAGE * _PAGE       # whole pages only: neighbours keep theirs
+    if last <= first or not any(start <= first and last <= stop for start, stop in mappings):
+        return 0
+    if _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED) != 0:
+        return 0
+    return last - first
+
+
+def convert(tensors: dict[str, torch.Tensor], change: Callable[[torch.Tensor], torch.Tensor]
+            ) -> dict[str, torch.Tensor]:
+    """{key: change(tensor)}, one tensor at a time, releasing each source's file pages once it is copied."""
+    changed = _releasing(change)
+    return {key: changed(tensor) for key, tensor in tensors.items()}
+
+
+def convert_module(module: torch.nn.Module, change: Callable[[torch.Tensor], torch.Tensor]) -> torch.nn.Module:
+    """Replace every parameter and buffer of `module` by change(it), as `module.to` does (one tensor at a
+    time), releasing each source's file pages once it is copied; returns the module."""
+    return module._apply(_releasing(change))
+
+
+def _releasing(change: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    mappings = file_mappings()
+
+    def changed(tensor: torch.Tensor) -> torch.Tensor:
+        result = change(tensor)
+        if mappings and result.data_ptr() != tensor.data_ptr():
+            release(tensor, mappings)
+        return result
+    return changed
+
+
+def _dense(tensor: torch.Tensor) -> bool:
+    """True when the tensor's elements fill one gap-free block (e.g. channels_last), whatever their order."""
+    return tensor.is_contiguous(memory_format=torch.channels_last) if tensor.ndim == 4 else False
+
+
+_LIBC = None
+
+
+def _libc():
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+        _LIBC.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return _LIBC
