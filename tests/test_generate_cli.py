@@ -144,3 +144,21 @@ def test_errors_without_prompt_or_settings(capsys, tmp_path):
     save_png(Image.new("RGB", (8, 8)), plain)
     assert "holds no nanodiffusion settings" in cli_error(capsys, "generate", "--from", plain)
     assert "holds no generation parameters" in cli_error(capsys, "info", plain)
+
+
+def test_vae_tile_decodes_in_tiles_and_replays(model, tmp_path):
+    whole, tiled, again = tmp_path / "whole.png", tmp_path / "tiled.png", tmp_path / "again.png"
+    settings = ["a cat", "--model", model, "--steps", 2, "--size", "96x96", "--seed", 7]
+    cli("generate", *settings, "--out", whole)
+    cli("generate", *settings, "--vae-tile", 32, "--out", tiled)          # 48 latent pixels: 2 x 2 tiles
+    difference = np.abs(pixels(whole).astype(int) - pixels(tiled).astype(int))
+    assert 0 < difference.max() and difference.mean() < 8                 # blended tiles: close, not equal
+    assert json.loads(read_png_text(tiled)["nanodiffusion"])["vae_tile"] == 32
+    assert "vae_tile" not in json.loads(read_png_text(whole)["nanodiffusion"])
+    cli("generate", "--from", tiled, "--out", again)                      # the tile size is replayed too
+    assert np.array_equal(pixels(again), pixels(tiled))
+
+
+def test_vae_tile_too_small_is_a_clear_error(model, capsys, tmp_path):
+    err = cli_error(capsys, "generate", "a cat", "--model", model, "--vae-tile", 16, "--out", tmp_path / "x.png")
+    assert "--vae-tile must be >= 32 latent pixels" in err and "Traceback" not in err

@@ -29,11 +29,13 @@ from nanodiffusion.weights.components import DTYPES
 from nanodiffusion.weights.hub import download_repo, looks_like_repo_id
 
 HELP = "generate images from a text prompt (Stable Diffusion v1.x)"
-DEFAULT_MODEL = "builtin"       # the built-in model a later release ships
+DEFAULT_MODEL = "builtin"       # the text-to-image model shipped inside the package
 DEFAULT_OUT = "image.png"
 DEFAULTS = {field.name: field.default for field in fields(GenerationRequest)}
 SUPPRESS = argparse.SUPPRESS    # flags not given stay unset, so that --from can tell them apart
 UNSET_IS_NONE = ("from_image", "out", "out_dir", "gif", "device")      # optional flags without a setting
+
+MIN_VAE_TILE = 32                       # latent pixels: tiles overlap by 16 (TextToImage.vae_tile_overlap)
 
 
 def add_arguments(p) -> None:
@@ -62,6 +64,10 @@ def add_arguments(p) -> None:
                    help="2 = condition on CLIP's penultimate layer (default: 1)")
     p.add_argument("--dtype", choices=list(DTYPES), default=SUPPRESS, help="weights dtype (default: fp32)")
     p.add_argument("--device", default=SUPPRESS, help="device (default: cuda if available, else cpu)")
+    p.add_argument("--vae-tile", dest="vae_tile", type=int, default=SUPPRESS, metavar="N",
+                   help="decode in overlapping tiles of N latent pixels (8N image pixels), blended: bounds "
+                        "the memory of large images, pixels differ slightly from a whole decode (default: "
+                        f"whole images; N >= {MIN_VAE_TILE})")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--out", default=SUPPRESS,
                      help=f"output PNG; with -n N, STEM-k.png (default: {DEFAULT_OUT})")
@@ -87,11 +93,12 @@ def build_request(args) -> tuple[GenerationRequest, dict]:
     """The request and the run settings (model, dtype, device, and "chosen": the request fields that --from's
     PNG or a flag set): --from's PNG, then the flags given."""
     given = vars(args)
-    stored, run = {}, {"model": DEFAULT_MODEL, "dtype": "fp32", "model_hash": None, "device": None}
+    stored = {}
+    run = {"model": DEFAULT_MODEL, "dtype": "fp32", "model_hash": None, "device": None, "vae_tile": None}
     if args.from_image:
         settings = read_settings(read_png_text(args.from_image), args.from_image)
         stored = settings["request"]
-        run.update({key: settings.get(key) for key in ("model", "dtype", "model_hash", "device")})
+        run.update({key: settings.get(key) for key in run})
     values = {**stored, **{name: given[name] for name in DEFAULTS if name in given}}
     if "size" in given:
         values["width"], values["height"] = given["size"]
@@ -102,8 +109,11 @@ def build_request(args) -> tuple[GenerationRequest, dict]:
     if values.get("seed") is None:
         values["seed"] = random.randrange(2**32)
     values["num_images_per_prompt"] = 1                 # one image per call: each PNG replays alone
-    for key in ("model", "dtype"):
+    for key in ("model", "dtype", "vae_tile"):
         run[key] = given.get(key, run[key])
+    if run["vae_tile"] is not None and run["vae_tile"] < MIN_VAE_TILE:
+        raise UserError(f"--vae-tile must be >= {MIN_VAE_TILE} latent pixels (tiles overlap by 16), "
+                        f"got {run['vae_tile']}")
     run["chosen"] = set(values)
     return GenerationRequest.from_dict(values), run
 
@@ -157,6 +167,7 @@ def run(args) -> None:
         _warn_if_different(settings, digest, device)
     pipe = TextToImage.from_pretrained(path, dtype=DTYPES[settings["dtype"]], device=device)
     pipe.show_progress = False
+    pipe.vae_tile_size = settings["vae_tile"]
     # the model's own defaults (the built-in model's guidance, sampler, steps) where nothing chose a value
     request = replace(request, **{key: value for key, value in pipe.generation_defaults.items()
                                   if key not in settings["chosen"]})
@@ -167,7 +178,8 @@ def run(args) -> None:
         image, frames, done = _generate_one(pipe, replace(request, seed=seed), args, label)
         text = {PARAMETERS_KEY: a1111_parameters(done, resolve_sampler(done.sampler), name, digest),
                 SETTINGS_KEY: settings_json(done, model=settings["model"], model_hash=digest,
-                                            dtype=settings["dtype"], device=torch.device(device).type)}
+                                            dtype=settings["dtype"], device=torch.device(device).type,
+                                            vae_tile=settings["vae_tile"])}
         save_png(image, out, text)
         print(f"wrote {out} (seed {seed})")
         images.append(image)

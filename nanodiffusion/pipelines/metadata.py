@@ -61,10 +61,14 @@ def _quote(value: str) -> str:
     return json.dumps(value, ensure_ascii=False) if any(c in value for c in ",:\n") else value
 
 
-def settings_json(request, *, model: str, model_hash: str | None, dtype: str, device: str) -> str:
-    """Our own text chunk: the request and what else decides the pixels (model, dtype, device)."""
-    return json.dumps({"format": SETTINGS_FORMAT, "version": __version__, "request": request.to_dict(),
-                       "model": model, "model_hash": model_hash, "dtype": dtype, "device": device},
+def settings_json(request, *, model: str, model_hash: str | None, dtype: str, device: str,
+                  vae_tile: int | None = None) -> str:
+    """Our own text chunk: the request and what else decides the pixels (model, dtype, device, and the VAE
+    tile size when the image was decoded in tiles)."""
+    run = {"model": model, "model_hash": model_hash, "dtype": dtype, "device": device}
+    if vae_tile is not None:
+        run["vae_tile"] = vae_tile
+    return json.dumps({"format": SETTINGS_FORMAT, "version": __version__, "request": request.to_dict(), **run},
                       ensure_ascii=False)
 
 
