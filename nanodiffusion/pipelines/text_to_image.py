@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from nanodiffusion.diffusion.denoisers import Denoiser
+from nanodiffusion.diffusion.editing import img2img_sigmas, inpainting_denoiser
 from nanodiffusion.diffusion.guidance import cfg_denoiser
 from nanodiffusion.diffusion.samplers import SAMPLERS, lcm_boundary_condition
 from nanodiffusion.diffusion.sampling_plan import SIGMA_SCHEDULES, final_latent, initial_noise_scale
@@ -26,9 +27,7 @@ from nanodiffusion.diffusion.schedules import check_num_steps
 from nanodiffusion.errors import UserError
 from nanodiffusion.images import image_grid, to_pil
 from nanodiffusion.nets.vae_tiling import decode_sliced, decode_tiled
-from nanodiffusion.pipelines.img2img import (
-    ImageInput, img2img_sigmas, inpainting_denoiser, prepare_images, prepare_mask,
-)
+from nanodiffusion.pipelines.img2img import ImageInput, prepare_images, prepare_mask
 from nanodiffusion.pipelines.prompts import count_chunks, encode_prompts
 from nanodiffusion.pipelines.scheduling import DEFAULT_SAMPLER, SchedulerSettings, resolve_sampler
 from nanodiffusion.weights import file_pages, load_sd
