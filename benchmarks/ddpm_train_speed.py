@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from nanodiffusion.data.datasets import ImageDataset, load_dataset
-from nanodiffusion.diffusion.schedules import ScheduleConfig, get_alphas_cumprod
+from nanodiffusion.diffusion.schedules import ScheduleConfig
 from nanodiffusion.errors import UserError
 from nanodiffusion.nets.ddpm_unet import DDPMUNet, UNET_PRESETS
 from nanodiffusion.training.ddpm_trainer import DDPMTrainer, TrainConfig

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from nanodiffusion.data.captioned import shapes_captioned
-from nanodiffusion.diffusion.schedules import ScheduleConfig, get_alphas_cumprod
+from nanodiffusion.diffusion.schedules import ScheduleConfig
 from nanodiffusion.nets.vae import AutoencoderKL
 from nanodiffusion.training.captions import SMALL_TEXT, caption_tokenizer, new_text_encoder
 from nanodiffusion.training.latent_trainer import SMALL_UNET, LatentTrainConfig, LatentTrainer

@@ -1,7 +1,5 @@
 """The shipped Fashion-MNIST model: loads with no download and draws the requested classes."""
 
-import torch
-
 from nanodiffusion.cli import main
 from nanodiffusion.evaluation.classifier import classifier_for_dataset
 from nanodiffusion.evaluation.metrics import class_agreement

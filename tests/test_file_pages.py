@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from nanodiffusion.pipelines.text_to_image import TextToImage
-from nanodiffusion.weights import file_pages, load_sd, save_diffusers
+from nanodiffusion.weights import file_pages, save_diffusers
 from nanodiffusion.weights.safe_load import read_safetensors
 from nanodiffusion.weights.components import SDComponents
 from tiny_sd import tiny_ours

@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -77,3 +78,10 @@ def test_bad_step_counts_are_user_errors(bad):
 def test_unknown_schedule_lists_valid_ones():
     with pytest.raises(UserError, match="linear, scaled_linear, cosine"):
         ScheduleConfig("quadratic")
+
+
+def test_schedule_config_round_trips_through_json_and_refuses_unknown_keys():
+    config = ScheduleConfig(kind="cosine", num_timesteps=500)
+    assert ScheduleConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    with pytest.raises(UserError, match=r"unknown ScheduleConfig keys \['steps'\]; valid keys are"):
+        ScheduleConfig.from_dict({"kind": "cosine", "steps": 10})

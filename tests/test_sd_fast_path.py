@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from nanodiffusion.nets import blocks
 from nanodiffusion.nets.sd_blocks import Upsample, attention, nearest_upsampling_kernel

@@ -2,7 +2,6 @@
 for each prompt must score as real data does, a wrong one must fail, and the eval command runs on a trained
 folder."""
 
-import numpy as np
 import pytest
 import torch
 

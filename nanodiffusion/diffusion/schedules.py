@@ -6,10 +6,11 @@ sigma_t = sqrt((1 - ᾱ_t) / ᾱ_t) of the equivalent variance-exploding process
 """
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
+from nanodiffusion.config import JSONConfig
 from nanodiffusion.errors import UserError
 
 SCHEDULE_DEFAULTS = {                   # kind -> (beta_start, beta_end)
@@ -20,7 +21,7 @@ SCHEDULE_DEFAULTS = {                   # kind -> (beta_start, beta_end)
 
 
 @dataclass(frozen=True)
-class ScheduleConfig:
+class ScheduleConfig(JSONConfig):
     """A discrete noise schedule: `kind` in SCHEDULE_DEFAULTS, T steps; betas default per kind."""
 
     kind: str = "linear"
@@ -43,13 +44,6 @@ class ScheduleConfig:
         start = default_start if self.beta_start is None else self.beta_start
         end = default_end if self.beta_end is None else self.beta_end
         return start, end
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ScheduleConfig":
-        return cls(**d)
 
 
 def get_betas(config: ScheduleConfig) -> torch.Tensor:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from nanodiffusion.config import config_from_dict, config_to_dict
+from nanodiffusion.config import JSONConfig
 from nanodiffusion.errors import UserError
 from nanodiffusion.training.checkpoint import load_checkpoint, prefixed, save_checkpoint, unprefixed
 
@@ -25,7 +25,7 @@ CHECKPOINT_KIND = "classifier"
 
 
 @dataclass(frozen=True)
-class ClassifierConfig:
+class ClassifierConfig(JSONConfig):
     in_channels: int = 1
     image_size: int = 28
     channels: tuple[int, ...] = (32, 64, 128)   # one conv block per entry, each halving the side: 28 -> 3
@@ -49,15 +49,6 @@ class ClassifierConfig:
     def final_side(self) -> int:
         """Side of the last block's feature map (max pooling floors: 28 -> 14 -> 7 -> 3)."""
         return self.image_size >> len(self.channels)
-
-    def to_dict(self) -> dict:
-        """JSON-safe dict of the fields (tuples become lists)."""
-        return config_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "ClassifierConfig":
-        """Inverse of `to_dict`; unknown keys are an error, missing ones take the defaults."""
-        return config_from_dict(cls, data)
 
 
 class ConvBlock(nn.Module):

@@ -7,7 +7,6 @@ how well images follow their prompts: CLIPScore (100·max(cos, 0), Hessel et al.
 rescaling) and retrieval accuracy (how often an image is closest to its own prompt among candidates).
 """
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanodiffusion.config import JSONConfig
 from nanodiffusion.errors import UserError
 from nanodiffusion.nets.clip_text import CLIPTextConfig, CLIPTextModel
 from nanodiffusion.tokenizer import CLIPTokenizer
@@ -27,7 +27,7 @@ MAX_LOGIT_SCALE = 100.0                 # CLIP clips 1/temperature here to keep 
 
 
 @dataclass(frozen=True)
-class MiniCLIPConfig:
+class MiniCLIPConfig(JSONConfig):
     """The image tower and the joint embedding of a miniature CLIP; the text tower has a CLIPTextConfig."""
 
     image_channels: int = 1
@@ -45,13 +45,6 @@ class MiniCLIPConfig:
                             f"got {self.image_widths}")
         if self.image_channels < 1 or self.embed_dim < 1:
             raise UserError("image_channels and embed_dim must be positive")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "MiniCLIPConfig":
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
 class ImageEncoder(nn.Module):

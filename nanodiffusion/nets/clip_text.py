@@ -5,7 +5,6 @@ transformers' CLIPTextModel as stored in a diffusers folder's `text_encoder/`
 (`text_model.encoder.layers.3.mlp.fc1.weight`), so those weights load with a strict `load_state_dict`.
 """
 
-import dataclasses
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -13,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanodiffusion.config import JSONConfig
 from nanodiffusion.errors import UserError
 
 
@@ -44,7 +44,7 @@ LEGACY_EOS_TOKEN_ID = 2
 
 
 @dataclass(frozen=True)
-class CLIPTextConfig:
+class CLIPTextConfig(JSONConfig):
     """Sizes and token ids of a CLIP text transformer; `CLIPTextModel(config)` builds it."""
 
     vocab_size: int = 49408
@@ -69,18 +69,6 @@ class CLIPTextConfig:
                  "max_positions")
         if any(getattr(self, name) < 1 for name in sizes):
             raise ValueError(f"{', '.join(sizes)} must all be positive")
-
-    def to_dict(self) -> dict:
-        """Plain JSON-ready dict of the fields."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "CLIPTextConfig":
-        """Inverse of `to_dict`; unknown keys are an error."""
-        unknown = set(data) - {field.name for field in dataclasses.fields(cls)}
-        if unknown:
-            raise UserError(f"unknown CLIPTextConfig keys: {sorted(unknown)}")
-        return cls(**data)
 
     @classmethod
     def from_transformers_config(cls, data: dict) -> "CLIPTextConfig":

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanodiffusion.config import config_from_dict, config_to_dict
+from nanodiffusion.config import JSONConfig
 from nanodiffusion.errors import UserError
 from nanodiffusion.nets.blocks import NORM_EPS, AttentionBlock, Downsample, ResnetBlock, Upsample
 from nanodiffusion.nets.embeddings import timestep_embedding
@@ -24,7 +24,7 @@ ARCHITECTURES = ("resnet", "tutorial")
 
 
 @dataclass(frozen=True)
-class DDPMUNetConfig:
+class DDPMUNetConfig(JSONConfig):
     """Hyper-parameters of `DDPMUNet`; `to_dict()` / `from_dict()` convert to and from JSON-safe dicts.
 
     Arch "tutorial" has no attention, dropout or classes; it ignores num_heads, norm_groups and
@@ -102,15 +102,6 @@ class DDPMUNetConfig:
         if sizes[-1] < 1:
             raise UserError(f"image_size {self.image_size} is too small for {len(self.channel_mult)} levels "
                             f"of arch 'tutorial' (level sides would be {sizes})")
-
-    def to_dict(self) -> dict:
-        """JSON-safe dict of the fields (tuples become lists)."""
-        return config_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "DDPMUNetConfig":
-        """Inverse of `to_dict`; unknown keys are an error, missing ones take the defaults."""
-        return config_from_dict(cls, data)
 
 
 # Fashion-MNIST, class-conditional: 1.74M parameters (7 MB in fp32), the fastest of the candidates measured

@@ -5,7 +5,6 @@ Attribute names mirror the diffusers state-dict keys of SD v1.x (`resnets.0.conv
 the DDPM UNet (`nanodiffusion.nets.blocks`); upsampling here is the same map, run as a transposed conv.
 """
 
-import dataclasses
 from collections.abc import Mapping
 
 import torch
@@ -223,18 +222,6 @@ class SpatialTransformer(nn.Module):
         if not self.linear_projection:
             h = self.proj_out(h)
         return h + x
-
-
-def config_from_dict(cls, data: Mapping):
-    """Build the frozen config dataclass `cls` from a JSON-style dict (lists become tuples).
-
-    Unknown keys are an error that lists the valid ones.
-    """
-    names = {field.name for field in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise UserError(f"unknown {cls.__name__} keys {unknown}; valid keys are {sorted(names)}")
-    return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in data.items()})
 
 
 def read_diffusers_config(config: Mapping, class_name: str, read: Mapping, fixed: Mapping) -> dict:

@@ -4,7 +4,6 @@ Submodule names mirror diffusers' `UNet2DConditionModel`, so a diffusers `unet/`
 `load_state_dict(strict=True)` once its `config.json` is read by `SDUNetConfig.from_diffusers_config`.
 """
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -12,10 +11,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanodiffusion.config import JSONConfig
 from nanodiffusion.errors import UserError
 from nanodiffusion.nets.blocks import Downsample
 from nanodiffusion.nets.embeddings import timestep_embedding
-from nanodiffusion.nets.sd_blocks import (ResnetBlock, SpatialTransformer, Upsample, config_from_dict,
+from nanodiffusion.nets.sd_blocks import (ResnetBlock, SpatialTransformer, Upsample,
                                           read_diffusers_config)
 
 _CLASS_NAME = "UNet2DConditionModel"
@@ -50,7 +50,7 @@ _DIFFUSERS_FIXED = {
 
 
 @dataclass(frozen=True)
-class SDUNetConfig:
+class SDUNetConfig(JSONConfig):
     """Shape of the SD UNet; the defaults are SD v1.x (v1.4, v1.5 and their fine-tunes)."""
 
     in_channels: int = 4                            # latent channels of the VAE
@@ -108,15 +108,6 @@ class SDUNetConfig:
     def heads(self, level: int) -> int:
         """Attention heads at `level` (the middle block uses the last level's count)."""
         return self.num_heads[level] if isinstance(self.num_heads, tuple) else self.num_heads
-
-    def to_dict(self) -> dict:
-        """All fields as a JSON-ready dict (tuples are written as lists)."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping) -> "SDUNetConfig":
-        """Inverse of `to_dict`; unknown keys raise a UserError."""
-        return config_from_dict(cls, data)
 
     @classmethod
     def from_diffusers_config(cls, config: Mapping) -> "SDUNetConfig":

@@ -5,7 +5,6 @@ It maps images (B, 3, H, W) in [-1, 1] to a diagonal Gaussian over latents (B, 4
 not here. Submodule names mirror diffusers' `AutoencoderKL`, so a diffusers `vae/` folder loads strictly.
 """
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -13,8 +12,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanodiffusion.config import JSONConfig
 from nanodiffusion.errors import UserError
-from nanodiffusion.nets.sd_blocks import (ResnetBlock, Upsample, attention, config_from_dict,
+from nanodiffusion.nets.sd_blocks import (ResnetBlock, Upsample, attention,
                                           read_diffusers_config)
 
 _CLASS_NAME = "AutoencoderKL"
@@ -35,7 +35,7 @@ _DIFFUSERS_FIXED = {
 
 
 @dataclass(frozen=True)
-class VAEConfig:
+class VAEConfig(JSONConfig):
     """Shape of the SD autoencoder; the defaults are the SD v1.x/2.x VAE (8x smaller, 4 latent channels)."""
 
     in_channels: int = 3
@@ -67,15 +67,6 @@ class VAEConfig:
     def downsample_factor(self) -> int:
         """Image pixels per latent pixel along each side (8 for SD)."""
         return 2 ** (len(self.block_channels) - 1)
-
-    def to_dict(self) -> dict:
-        """All fields as a JSON-ready dict (tuples are written as lists)."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping) -> "VAEConfig":
-        """Inverse of `to_dict`; unknown keys raise a UserError."""
-        return config_from_dict(cls, data)
 
     @classmethod
     def from_diffusers_config(cls, config: Mapping) -> "VAEConfig":
