@@ -117,14 +117,11 @@ class Ours:
 
     def __init__(self, work: Path, config: str):
         from nanodiffusion.pipelines.text_to_image import TextToImage
-        from nanodiffusion.tokenizer import CLIPTokenizer
         if config == "ours-fp32":
             self.pipe = TextToImage.from_pretrained(work / "folder")
         else:
-            tokenizer = CLIPTokenizer.from_pretrained(work / "folder" / "tokenizer")
-            # channels_last is from_pretrained's default for bf16 on a CPU
-            self.pipe = TextToImage.from_pretrained(work / "model-bf16.safetensors", dtype=torch.bfloat16,
-                                                    tokenizer=tokenizer)
+            # the single file gets CLIP's tokenizer; channels_last is the default for bf16 on a CPU
+            self.pipe = TextToImage.from_pretrained(work / "model-bf16.safetensors", dtype=torch.bfloat16)
             assert self.pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
         if config == "ours-compiled":
             self.pipe.compile()

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 
-FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "clip_bpe"
 # (mode, what is loaded); every mode computes the outputs except the dtype-conversion ones
 MODES = {
     "ours-folder": "nanodiffusion load_sd(diffusers folder)",
@@ -69,11 +68,11 @@ def make(work: Path, *, tiny: bool = False) -> dict:
         unet_config, vae_config, text_config = sd_unet.TINY_UNET, vae.TINY_VAE, clip_text.TINY_TEXT
     else:
         unet_config, vae_config, text_config = sd_unet.SD15_UNET, vae.SD15_VAE, clip_text.SD15_TEXT
-    from nanodiffusion.tokenizer import CLIPTokenizer
+    from nanodiffusion.tokenizer import CLIP_BPE_FOLDER, CLIPTokenizer
     from nanodiffusion.weights import SDComponents, save_diffusers, save_single_file
 
     for name in ("vocab.json", "merges.txt"):
-        (work / name).write_bytes(gzip.decompress((FIXTURES / f"{name}.gz").read_bytes()))
+        (work / name).write_bytes(gzip.decompress((CLIP_BPE_FOLDER / f"{name}.gz").read_bytes()))
     torch.manual_seed(0)
     start = time.perf_counter()
     components = SDComponents(unet=SDUNet(unet_config).eval(), vae=AutoencoderKL(vae_config).eval(),

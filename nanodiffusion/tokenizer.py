@@ -7,6 +7,7 @@ CLIPTokenizer does, and so what every Stable Diffusion pipeline sees. OpenAI's o
 `ftfy.fix_text` and `html.unescape`; transformers does not, and neither do we.
 """
 
+import gzip
 import json
 import warnings
 from collections.abc import Iterable
@@ -30,6 +31,7 @@ CLIP_SPLIT_PATTERN = (r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'
 MERGES_HEADER = "#version: 0.2"
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token")
 CLIP_MAX_LENGTH = 77            # CLIP's context: <|startoftext|>, up to 75 tokens, <|endoftext|>
+CLIP_BPE_FOLDER = Path(__file__).parent / "builtin" / "clip_bpe"     # CLIPTokenizer.clip()'s files
 
 
 def byte_alphabet() -> list[str]:
@@ -74,6 +76,20 @@ def _token_content(value) -> str:
     return value["content"] if isinstance(value, dict) else value
 
 
+def _parse_merges(text: str, source: str) -> list[tuple[str, str]]:
+    """The merge pairs of a `merges.txt` text (its optional "#version" first line skipped)."""
+    merges = []
+    # Split on "\n" only: str.splitlines would also break at characters such as U+0085.
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line or (number == 1 and line.startswith("#version")):
+            continue
+        pair = line.split(" ")
+        if len(pair) != 2:
+            raise UserError(f"{source}:{number}: a merge is two tokens and one space, got {line!r}")
+        merges.append((pair[0], pair[1]))
+    return merges
+
+
 class CLIPTokenizer:
     """Prompt → token ids as transformers' CLIPTokenizer gives: <|startoftext|> words <|endoftext|> pads."""
 
@@ -116,16 +132,16 @@ class CLIPTokenizer:
                    model_max_length: int = CLIP_MAX_LENGTH, **special_tokens: str) -> "CLIPTokenizer":
         """Load a `vocab.json` / `merges.txt` pair; `special_tokens` (pad_token="!", ...) replace CLIP's."""
         vocab = json.loads(Path(vocab_json).read_text(encoding="utf-8"))
-        merges = []
-        # Split on "\n" only: str.splitlines would also break at characters such as U+0085.
-        for number, line in enumerate(Path(merges_txt).read_text(encoding="utf-8").split("\n"), start=1):
-            if not line or (number == 1 and line.startswith("#version")):
-                continue
-            pair = line.split(" ")
-            if len(pair) != 2:
-                raise UserError(f"{merges_txt}:{number}: a merge is two tokens and one space, got {line!r}")
-            merges.append((pair[0], pair[1]))
+        merges = _parse_merges(Path(merges_txt).read_text(encoding="utf-8"), str(merges_txt))
         return cls(vocab, merges, model_max_length=model_max_length, **special_tokens)
+
+    @classmethod
+    def clip(cls) -> "CLIPTokenizer":
+        """OpenAI CLIP's own BPE tokenizer (49408 ids, 77 tokens): Stable Diffusion v1.x's, shipped with the
+        package (`builtin/clip_bpe/`, MIT-licensed), so a checkpoint that holds none still has it."""
+        vocab = json.loads(gzip.decompress((CLIP_BPE_FOLDER / "vocab.json.gz").read_bytes()))
+        text = gzip.decompress((CLIP_BPE_FOLDER / "merges.txt.gz").read_bytes()).decode("utf-8")
+        return cls(vocab, _parse_merges(text, "merges.txt.gz"))
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> "CLIPTokenizer":

@@ -2,8 +2,10 @@
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 
 from nanodiffusion.cli import main
@@ -11,9 +13,10 @@ from nanodiffusion.errors import UserError
 from nanodiffusion.nets.sd_unet import SD15_UNET, TINY_UNET, SDUNetConfig
 from nanodiffusion.nets.vae import SD15_VAE, TINY_VAE, VAEConfig
 from nanodiffusion.weights import load_sd, save_diffusers, save_single_file
-from nanodiffusion.weights.components import build_on_meta, expected_shapes
+from nanodiffusion.weights.components import SDComponents, build_on_meta, expected_shapes
 from nanodiffusion.weights.original_keys import rename_table
 from nanodiffusion.weights.single_file import infer_unet_config, infer_vae_config, to_original
+from tiny_sd import tiny_ours
 from weights_fixtures import assert_same_weights, random_components, tiny_text_config, tiny_tokenizer
 
 # Layouts beyond TINY_UNET: three levels, attention at the first two and not the last (as SD), one resnet per
@@ -177,3 +180,20 @@ def test_convert_cli_half_precision_and_errors(tmp_path, capsys):
         assert message in capsys.readouterr().err
     with pytest.raises(UserError, match="must end with"):
         save_single_file(components, tmp_path / "model.bin")
+
+
+def test_a_single_file_gets_clips_tokenizer_and_generates_from_the_command_line(tmp_path):
+    pipe = tiny_ours(seed=0)                            # a CLIP-vocabulary text encoder, CLIP's tokenizer
+    components = SDComponents(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler_config)
+    save_single_file(components, tmp_path / "model.safetensors")
+    save_diffusers(components, tmp_path / "folder")
+    loaded = load_sd(tmp_path / "model.safetensors")
+    assert loaded.tokenizer.vocab_size == 49408
+    assert loaded.tokenizer("a photo of a cat")[0, :7].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407]
+    settings = ["a photo of a cat", "--steps", 2, "--size", "32x32", "--seed", 3]
+    assert main(["generate", *map(str, settings), "--model", str(tmp_path / "model.safetensors"),
+                 "--out", str(tmp_path / "file.png")]) == 0
+    assert main(["generate", *map(str, settings), "--model", str(tmp_path / "folder"),
+                 "--out", str(tmp_path / "folder.png")]) == 0
+    with Image.open(tmp_path / "file.png") as file, Image.open(tmp_path / "folder.png") as folder:
+        assert np.array_equal(np.asarray(file), np.asarray(folder))

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from nanodiffusion.errors import UserError
-from nanodiffusion.tokenizer import CLIPTokenizer, byte_alphabet, train_bpe, vocab_from_merges
+from nanodiffusion.tokenizer import CLIP_BPE_FOLDER, CLIPTokenizer, byte_alphabet, train_bpe, vocab_from_merges
 
-FIXTURES = Path(__file__).parent / "fixtures" / "clip_bpe"
+FIXTURES = CLIP_BPE_FOLDER                  # CLIP's BPE files, shipped with the package
 EOS, BOS = 49407, 49406
 
 TRICKY = [

@@ -16,9 +16,9 @@ from nanodiffusion.nets.clip_text import TINY_TEXT, CLIPTextConfig, CLIPTextMode
 from nanodiffusion.nets.sd_unet import TINY_UNET, SDUNet, SDUNetConfig
 from nanodiffusion.nets.vae import TINY_VAE, AutoencoderKL, VAEConfig
 from nanodiffusion.pipelines.text_to_image import TextToImage
-from nanodiffusion.tokenizer import CLIPTokenizer
+from nanodiffusion.tokenizer import CLIP_BPE_FOLDER, CLIPTokenizer
 
-FIXTURES = Path(__file__).parent / "fixtures" / "clip_bpe"
+FIXTURES = CLIP_BPE_FOLDER                  # CLIP's BPE files, shipped with the package
 # runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json as published (no timestep_spacing, so every
 # scheduler class swapped in with from_config uses its own default spacing)
 SD15_SCHEDULER_JSON = {

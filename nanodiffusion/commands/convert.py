@@ -1,7 +1,8 @@
 """Convert Stable Diffusion v1.x weights between a diffusers folder and the original single file.
 
 The layout of DST follows its name: a path ending in .safetensors or .ckpt is a single file, anything else a
-diffusers folder. A single file holds no tokenizer: converting one to a folder needs --tokenizer.
+diffusers folder. A single file holds no tokenizer: an SD v1.x one gets CLIP's (shipped with the package),
+others need --tokenizer to become a folder.
 """
 
 from pathlib import Path
@@ -24,8 +25,8 @@ def add_arguments(p) -> None:
                    help="output layout; default: from DST's name (must agree with it when given)")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="dtype of the written weights")
     p.add_argument("--variant", help="read the *.VARIANT.safetensors files of a diffusers folder (e.g. fp16)")
-    p.add_argument("--tokenizer", help="CLIP tokenizer folder to put in a diffusers folder made from a "
-                                       "single file (e.g. the tokenizer/ of any SD v1.x diffusers folder)")
+    p.add_argument("--tokenizer", help="tokenizer folder to put in a diffusers folder made from a single file "
+                                       "(default for SD v1.x files: CLIP's, shipped with the package)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow reading a pickle .ckpt (weights-only unpickling); prefer .safetensors")
 

@@ -184,8 +184,9 @@ class TextToImage:
     def from_pretrained(cls, path_or_repo: str | Path, *, dtype: torch.dtype | str = torch.float32,
                         device: str | torch.device = "cpu", tokenizer=None,
                         memory_format: torch.memory_format | None = None) -> "TextToImage":
-        """Load a diffusers folder, a single-file checkpoint or a Hugging Face repo id (`load_sd`); a single
-        file holds no tokenizer, pass one (`CLIPTokenizer.from_pretrained(folder)`).
+        """Load a diffusers folder, a single-file checkpoint or a Hugging Face repo id (`load_sd`). A single
+        file holds no tokenizer: an SD v1.x one gets CLIP's (`CLIPTokenizer.clip()`), others need `tokenizer=`
+        (`CLIPTokenizer.from_pretrained(folder)`).
 
         `memory_format` lays the UNet's and VAE's conv weights out (see `to`); None picks channels_last for
         bf16 on a CPU (measured faster there for both networks: benchmarks/README.md) and leaves the rest.
@@ -197,8 +198,8 @@ class TextToImage:
                                 "folder, a checkpoint file or a Hugging Face repo id")
         parts = load_sd(path_or_repo, dtype=dtype, device=device, tokenizer=tokenizer)
         if parts.tokenizer is None:
-            raise UserError(f"{path_or_repo} holds no tokenizer: pass "
-                            "tokenizer=CLIPTokenizer.from_pretrained(a CLIP tokenizer folder)")
+            raise UserError(f"{path_or_repo} holds no tokenizer and its text encoder is not CLIP's (SD v1.x's): "
+                            "pass tokenizer=CLIPTokenizer.from_pretrained(the model's tokenizer folder)")
         folder = Path(path_or_repo) if Path(path_or_repo).is_dir() else None
         defaults = read_generation_defaults(folder) if folder else {}
         pipe = cls(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.scheduler_config,

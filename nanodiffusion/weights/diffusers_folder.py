@@ -140,9 +140,9 @@ def save_diffusers(components: SDComponents, folder: str | Path, *, variant: str
     model_index.json comes last, so an interrupted save does not look like a complete folder.
     """
     if components.tokenizer is None:
-        raise UserError("these components have no tokenizer (a single file holds none): load one with "
-                        "CLIPTokenizer.from_pretrained(folder) and set components.tokenizer "
-                        "(CLI: --tokenizer)")
+        raise UserError("these components have no tokenizer (a single file holds none, and its text encoder "
+                        "is not CLIP's): load one with CLIPTokenizer.from_pretrained(folder) and set "
+                        "components.tokenizer (CLI: --tokenizer)")
     folder = Path(folder)
     suffix = f".{variant}" if variant else ""
     configs = {"unet": components.unet.config.to_diffusers_config(),

@@ -15,12 +15,14 @@ from nanodiffusion.errors import UserError
 from nanodiffusion.nets.clip_text import CLIPTextConfig
 from nanodiffusion.nets.sd_unet import SDUNetConfig
 from nanodiffusion.nets.vae import VAEConfig
+from nanodiffusion.tokenizer import CLIP_MAX_LENGTH, CLIPTokenizer
 from nanodiffusion.weights.components import (NETWORKS, SD15_SCHEDULER, SDComponents, build_on_meta,
                                               check_state_dict, expected_shapes, materialize)
 from nanodiffusion.weights.original_keys import PREFIXES, is_conv_as_linear, is_ignored, rename_table
 from nanodiffusion.weights.safe_load import read_weights, write_safetensors
 
 METADATA_KEY = "nanodiffusion"      # safetensors metadata entry holding our configs as JSON
+CLIP_SHAPE = (49408, CLIP_MAX_LENGTH)   # (vocab, positions) of the CLIP text towers SD v1.x uses
 CLIP_HEAD_WIDTH = 64                # every released CLIP text tower uses 64-wide heads (ViT-L/14: 768 / 12)
 
 
@@ -161,7 +163,8 @@ def _scheduler_config(betas: torch.Tensor | None) -> dict:
 
 def load_single_file(path: str | Path, *, dtype: torch.dtype = torch.float32,
                      device: str | torch.device = "cpu", trust_pickle: bool = False) -> SDComponents:
-    """Load an original-layout SD v1.x checkpoint (its tokenizer is None: a single file holds none)."""
+    """Load an original-layout SD v1.x checkpoint. A single file holds no tokenizer: one whose text encoder
+    is CLIP's (49408 ids, 77 positions) gets CLIP's BPE tokenizer (`CLIPTokenizer.clip()`), others None."""
     path = Path(path)
     tensors, metadata = read_weights(path, trust_pickle=trust_pickle)
     identify(path, {key: value.shape for key, value in tensors.items()})
@@ -181,7 +184,10 @@ def load_single_file(path: str | Path, *, dtype: torch.dtype = torch.float32,
         state = {key: found[original] for key, original in table.items()}
         networks[component] = materialize(component, configs[component], state, dtype=dtype, device=device,
                                           what=f"{path} ({component})")
-    return SDComponents(**networks, scheduler_config=scheduler)
+    # A single file holds no tokenizer; SD v1.x's is CLIP's own, shipped with the package.
+    text = configs["text_encoder"]
+    tokenizer = CLIPTokenizer.clip() if (text.vocab_size, text.max_positions) == CLIP_SHAPE else None
+    return SDComponents(**networks, tokenizer=tokenizer, scheduler_config=scheduler)
 
 
 def _to_ours(component: str, our_key: str, tensor: torch.Tensor) -> torch.Tensor:
