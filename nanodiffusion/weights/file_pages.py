@@ -7,9 +7,10 @@ tensor and drops the source's pages from the process right after each copy (`mad
 loading an fp32 file as bf16, or re-laying conv weights out channels-last, peaks at the converted weights
 plus one tensor instead of both copies (figures in benchmarks/README.md).
 
-Only pages of a read-only-used *file* mapping are dropped, never anonymous memory: dropped file pages read
-back from the file if anything touches them again, so sharing or aliasing tensors stay correct. Elsewhere
-than Linux this does nothing.
+Only pages that still hold the file's own bytes are dropped: never anonymous memory, and never a page of
+the mapping that was written to (such a page has become a private copy; /proc/self/pagemap tells). Dropped
+pages read back from the file if anything touches them again, so sharing or aliasing tensors stay correct.
+Elsewhere than Linux this does nothing.
 """
 
 import ctypes
@@ -17,6 +18,7 @@ import mmap
 import sys
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 _MADV_DONTNEED = 4                      # linux/mman-common.h
@@ -49,6 +51,8 @@ def release(tensor: torch.Tensor, mappings: list[tuple[int, int]]) -> int:
     first, last = -(-begin // _PAGE) * _PAGE, end // _PAGE * _PAGE       # whole pages only: neighbours keep theirs
     if last <= first or not any(start <= first and last <= stop for start, stop in mappings):
         return 0
+    if not _unwritten(first, last):
+        return 0
     if _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED) != 0:
         return 0
     return last - first
@@ -76,6 +80,27 @@ def _releasing(change: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torc
             release(tensor, mappings)
         return result
     return changed
+
+
+def _unwritten(first: int, last: int) -> bool:
+    """True when no page in [first, last) was written since it was mapped (so dropping it loses nothing).
+
+    A write to a private file mapping turns the page into an anonymous copy; /proc/self/pagemap tells them
+    apart (bit 63 present, 62 swapped, 61 file page: kernel Documentation/admin-guide/mm/pagemap.rst). When it
+    cannot be read, nothing counts as unwritten.
+    """
+    try:
+        with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
+            pagemap.seek(first // _PAGE * 8)
+            data = pagemap.read((last - first) // _PAGE * 8)
+    except OSError:
+        return False
+    if len(data) != (last - first) // _PAGE * 8:
+        return False
+    entries = np.frombuffer(data, dtype=np.uint64)
+    in_memory = (entries >> np.uint64(63)) | (entries >> np.uint64(62)) & np.uint64(1)
+    file_page = (entries >> np.uint64(61)) & np.uint64(1)
+    return not bool((in_memory & ~file_page & np.uint64(1)).any())
 
 
 def _dense(tensor: torch.Tensor) -> bool:
