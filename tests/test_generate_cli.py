@@ -162,3 +162,17 @@ def test_vae_tile_decodes_in_tiles_and_replays(model, tmp_path):
 def test_vae_tile_too_small_is_a_clear_error(model, capsys, tmp_path):
     err = cli_error(capsys, "generate", "a cat", "--model", model, "--vae-tile", 16, "--out", tmp_path / "x.png")
     assert "--vae-tile must be >= 32 latent pixels" in err and "Traceback" not in err
+
+
+def test_large_fp32_models_on_a_bf16_cpu_get_a_hint(model, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(generate, "cpu_has_native_bf16", lambda: True)
+    cli("generate", "a cat", "--model", model, *FAST, "--out", tmp_path / "a.png")
+    assert "--dtype bf16" not in capsys.readouterr().err                  # a tiny UNet: no hint
+    monkeypatch.setattr(generate, "BF16_HINT_PARAMETERS", 1)
+    cli("generate", "a cat", "--model", model, *FAST, "--out", tmp_path / "b.png")
+    assert "hint: this CPU computes bf16 natively: --dtype bf16" in capsys.readouterr().err
+    cli("generate", "a cat", "--model", model, *FAST, "--dtype", "fp32", "--out", tmp_path / "c.png")
+    assert "hint" not in capsys.readouterr().err                          # fp32 chosen: no hint
+    monkeypatch.setattr(generate, "cpu_has_native_bf16", lambda: False)
+    cli("generate", "a cat", "--model", model, *FAST, "--out", tmp_path / "d.png")
+    assert "hint" not in capsys.readouterr().err
