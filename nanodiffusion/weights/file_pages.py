@@ -66,9 +66,17 @@ def convert(tensors: dict[str, torch.Tensor], change: Callable[[torch.Tensor], t
 
 
 def convert_module(module: torch.nn.Module, change: Callable[[torch.Tensor], torch.Tensor]) -> torch.nn.Module:
-    """Replace every parameter and buffer of `module` by change(it), as `module.to` does (one tensor at a
-    time), releasing each source's file pages once it is copied; returns the module."""
-    return module._apply(_releasing(change))
+    """Replace every parameter's data and every buffer of `module` by change(it), as `module.to` does (one
+    tensor at a time; Parameter objects stay the same), releasing each source's file pages once it is copied;
+    returns the module."""
+    changed = _releasing(change)
+    with torch.no_grad():
+        for submodule in module.modules():
+            for _, parameter in submodule.named_parameters(recurse=False):
+                parameter.data = changed(parameter.data)
+            for name, buffer in submodule.named_buffers(recurse=False):
+                setattr(submodule, name, changed(buffer))
+    return module
 
 
 def _releasing(change: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
