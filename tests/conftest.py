@@ -8,6 +8,12 @@ from nanodiffusion.data.idx import write_idx
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """The model-hash cache of every test run goes to a temporary folder, never to ~/.cache."""
+    os.environ["NANODIFFUSION_CACHE"] = str(tmp_path_factory.mktemp("nanodiffusion-cache"))
+
+
 def make_fake_mnist(folder, n: int = 64, size: int = 28, num_classes: int = 10, seed: int = 0) -> None:
     """Write MNIST-format IDX files of learnable toy images: class k is a bright bar at row 2k+2."""
     rng = np.random.default_rng(seed)

@@ -12,15 +12,18 @@ The `nanodiffusion` chunk holds the GenerationRequest, the model and the dtype a
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 from nanodiffusion import __version__
+from nanodiffusion.atomic import atomic_write
 from nanodiffusion.errors import UserError
 
 PARAMETERS_KEY = "parameters"
 SETTINGS_KEY = "nanodiffusion"
 SETTINGS_FORMAT = 1
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".bin", ".pt", ".pth")
+CACHE_ENV_VAR = "NANODIFFUSION_CACHE"        # folder of the model-hash cache (default ~/.cache/nanodiffusion)
 
 A1111_SAMPLER_NAMES = {             # our sampler name -> A1111's label
     "ddpm": "DDPM", "ddim": "DDIM", "plms": "PLMS", "lms": "LMS", "euler": "Euler",
@@ -98,14 +101,44 @@ def weight_files(path: str | Path) -> list[Path]:
     return files
 
 
-def model_hash(path: str | Path) -> str:
+def model_hash(path: str | Path, *, cache: Path | None = None) -> str:
     """A1111's "Model hash": the first 10 hex digits of the sha256 of the weights file.
 
     For a diffusers folder, of the bytes of all its weight files, one after the other in sorted path order.
+    The digest is remembered in `cache` (default: hash_cache_path()) under the files' paths, sizes and
+    modification times, as A1111 does, so a 4 GB checkpoint is read once rather than on every run; a cache
+    that cannot be read or written is skipped.
     """
+    files = weight_files(path)
+    cache = hash_cache_path() if cache is None else cache
+    key = "|".join(f"{file.resolve()}:{file.stat().st_size}:{file.stat().st_mtime_ns}" for file in files)
+    known = _read_hash_cache(cache)
+    if key in known:
+        return known[key]
     digest = hashlib.sha256()
-    for file in weight_files(path):
+    for file in files:
         with open(file, "rb") as stream:
             while block := stream.read(1 << 20):
                 digest.update(block)
-    return digest.hexdigest()[:10]
+    known[key] = digest.hexdigest()[:10]
+    try:
+        with atomic_write(cache) as stream:
+            stream.write(json.dumps(known, indent=0).encode("utf-8"))
+    except OSError:
+        pass                                            # a read-only home: hash again next time
+    return known[key]
+
+
+def hash_cache_path() -> Path:
+    """Where model hashes are remembered: $NANODIFFUSION_CACHE/model_hashes.json, else
+    ~/.cache/nanodiffusion/model_hashes.json."""
+    root = os.environ.get(CACHE_ENV_VAR) or Path.home() / ".cache" / "nanodiffusion"
+    return Path(root) / "model_hashes.json"
+
+
+def _read_hash_cache(cache: Path) -> dict[str, str]:
+    try:
+        known = json.loads(cache.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return known if isinstance(known, dict) else {}
