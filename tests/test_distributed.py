@@ -133,8 +133,8 @@ def test_torchrun_cli_matches_a_single_process(tmp_path):
     single = subprocess.run([sys.executable, "-m", "nanodiffusion", *options, "--out-dir",
                              str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=120)
     assert single.returncode == 0, single.stderr
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-                "--master-addr", "127.0.0.1", "--master-port", str(free_port())]
+    # --standalone: torchrun picks its own free port (no window for another process to take ours)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     parallel = subprocess.run([*torchrun, "-m", "nanodiffusion", *options, "--out-dir",
                                str(tmp_path / "two")],
                               env=env, capture_output=True, text=True, timeout=180)
