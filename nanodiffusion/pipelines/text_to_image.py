@@ -31,7 +31,7 @@ from nanodiffusion.pipelines.img2img import ImageInput, prepare_images, prepare_
 from nanodiffusion.pipelines.prompts import count_chunks, encode_prompts
 from nanodiffusion.pipelines.scheduling import DEFAULT_SAMPLER, SchedulerSettings, resolve_sampler
 from nanodiffusion.weights import file_pages, load_sd
-from nanodiffusion.weights.components import SD15_SCHEDULER
+from nanodiffusion.weights.components import SD15_SCHEDULER, resolve_dtype
 
 __all__ = ["TextToImage", "GenerationRequest", "TextToImageOutput", "image_grid", "resolve_sampler"]
 
@@ -196,17 +196,20 @@ class TextToImage:
             if not path_or_repo.exists():
                 raise UserError("the built-in text-to-image model is not shipped yet: pass a diffusers "
                                 "folder, a checkpoint file or a Hugging Face repo id")
-        parts = load_sd(path_or_repo, dtype=dtype, device=device, tokenizer=tokenizer)
+        if memory_format is None:
+            on_cpu = torch.device(device).type == "cpu"
+            memory_format = torch.channels_last if on_cpu and resolve_dtype(dtype) == torch.bfloat16 \
+                else torch.preserve_format
+        # conv weights are laid out while loading: one copy each, even when the dtype changes too
+        parts = load_sd(path_or_repo, dtype=dtype, device=device, tokenizer=tokenizer,
+                        memory_format=memory_format)
         if parts.tokenizer is None:
             raise UserError(f"{path_or_repo} holds no tokenizer and its text encoder is not CLIP's (SD v1.x's): "
                             "pass tokenizer=CLIPTokenizer.from_pretrained(the model's tokenizer folder)")
         folder = Path(path_or_repo) if Path(path_or_repo).is_dir() else None
         defaults = read_generation_defaults(folder) if folder else {}
-        pipe = cls(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.scheduler_config,
+        return cls(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.scheduler_config,
                    generation_defaults=defaults)
-        if memory_format is None and pipe.dtype == torch.bfloat16 and pipe.device.type == "cpu":
-            memory_format = torch.channels_last
-        return pipe.to(memory_format=memory_format) if memory_format is not None else pipe
 
     @property
     def device(self) -> torch.device:

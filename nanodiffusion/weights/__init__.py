@@ -20,11 +20,13 @@ __all__ = ["SDComponents", "load_sd", "save_diffusers", "save_single_file"]
 
 def load_sd(path_or_repo: str | Path, *, dtype: torch.dtype | str = torch.float32,
             device: str | torch.device = "cpu", variant: str | None = None, trust_pickle: bool = False,
-            tokenizer: CLIPTokenizer | None = None) -> SDComponents:
+            tokenizer: CLIPTokenizer | None = None,
+            memory_format: torch.memory_format = torch.preserve_format) -> SDComponents:
     """Load SD v1.x from a diffusers folder, a single `.safetensors` / `.ckpt` file, or a Hub repo id.
 
-    Weights are memory-mapped and converted tensor by tensor to `dtype` on `device`. Pickle files need
-    `trust_pickle=True`. `tokenizer`, when given, replaces the source's (a single file holds none).
+    Weights are memory-mapped and converted tensor by tensor to `dtype` on `device`, conv weights to
+    `memory_format` (one copy each, whatever changes). Pickle files need `trust_pickle=True`. `tokenizer`,
+    when given, replaces the source's (a single file holds none).
     """
     dtype = resolve_dtype(dtype)
     path = Path(path_or_repo)
@@ -36,11 +38,13 @@ def load_sd(path_or_repo: str | Path, *, dtype: torch.dtype | str = torch.float3
         if not (path / "model_index.json").is_file():
             found = sorted(p.name for p in path.iterdir())[:10]
             raise UserError(f"{path} is not a diffusers folder (no model_index.json; it holds {found})")
-        components = load_diffusers(path, dtype=dtype, device=device, variant=variant)
+        components = load_diffusers(path, dtype=dtype, device=device, variant=variant,
+                                    memory_format=memory_format)
     elif variant is not None:
         raise UserError("variant selects files inside a diffusers folder; a single file has none")
     else:
-        components = load_single_file(path, dtype=dtype, device=device, trust_pickle=trust_pickle)
+        components = load_single_file(path, dtype=dtype, device=device, trust_pickle=trust_pickle,
+                                      memory_format=memory_format)
     if tokenizer is not None:
         components.tokenizer = tokenizer
     return components

@@ -110,17 +110,21 @@ def expected_shapes(module: torch.nn.Module) -> dict[str, torch.Size]:
 
 
 def materialize(component: str, config, state: Mapping[str, torch.Tensor], *, dtype: torch.dtype,
-                device: str | torch.device, what: str) -> torch.nn.Module:
-    """Build `component`'s network for `config` from `state` (checked strictly), in `dtype` on `device`.
+                device: str | torch.device, what: str,
+                memory_format: torch.memory_format = torch.preserve_format) -> torch.nn.Module:
+    """Build `component`'s network for `config` from `state` (checked strictly), in `dtype` on `device`,
+    its 4-D (conv) weights in `memory_format`.
 
-    Tensors already in `dtype` on `device` are used as they are (memory-mapped file pages stay shared).
+    Tensors already in `dtype` on `device` and in that layout are used as they are (memory-mapped file pages
+    stay shared); the others are converted in one copy each.
     """
     module = build_on_meta(component, config)
     check_state_dict(expected_shapes(module), state, what)
     # one tensor at a time, the file pages of each converted source given back: the only new memory is the
     # converted weights themselves
     tensors = file_pages.convert(dict(state), lambda value: value.to(
-        device=device, dtype=dtype if value.is_floating_point() else value.dtype))
+        device=device, dtype=dtype if value.is_floating_point() else value.dtype,
+        memory_format=memory_format if value.dim() == 4 else torch.preserve_format))
     module.load_state_dict(tensors, strict=True, assign=True)
     left = [name for name, tensor in [*module.named_parameters(), *module.named_buffers()] if tensor.is_meta]
     if left:

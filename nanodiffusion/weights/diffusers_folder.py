@@ -109,7 +109,8 @@ def read_tokenizer(folder: Path) -> CLIPTokenizer:
 
 
 def load_diffusers(folder: str | Path, *, dtype: torch.dtype = torch.float32,
-                   device: str | torch.device = "cpu", variant: str | None = None) -> SDComponents:
+                   device: str | torch.device = "cpu", variant: str | None = None,
+                   memory_format: torch.memory_format = torch.preserve_format) -> SDComponents:
     """Load a diffusers SD v1.x folder into our networks, tokenizer and config dicts."""
     folder = Path(folder)
     model_index = read_json(folder / "model_index.json")
@@ -121,7 +122,7 @@ def load_diffusers(folder: str | Path, *, dtype: torch.dtype = torch.float32,
         config = read_config(read_json(folder / component / "config.json"))
         state = read_component(folder / component, component, variant)
         networks[component] = materialize(component, config, state, dtype=dtype, device=device,
-                                          what=f"{folder / component}")
+                                          what=f"{folder / component}", memory_format=memory_format)
     return SDComponents(**networks, tokenizer=read_tokenizer(folder / "tokenizer"),
                         scheduler_config=read_json(folder / "scheduler" / "scheduler_config.json"),
                         model_index=model_index)

@@ -162,7 +162,8 @@ def _scheduler_config(betas: torch.Tensor | None) -> dict:
 
 
 def load_single_file(path: str | Path, *, dtype: torch.dtype = torch.float32,
-                     device: str | torch.device = "cpu", trust_pickle: bool = False) -> SDComponents:
+                     device: str | torch.device = "cpu", trust_pickle: bool = False,
+                     memory_format: torch.memory_format = torch.preserve_format) -> SDComponents:
     """Load an original-layout SD v1.x checkpoint. A single file holds no tokenizer: one whose text encoder
     is CLIP's (49408 ids, 77 positions) gets CLIP's BPE tokenizer (`CLIPTokenizer.clip()`), others None."""
     path = Path(path)
@@ -183,7 +184,7 @@ def load_single_file(path: str | Path, *, dtype: torch.dtype = torch.float32,
     for component, table in tables.items():
         state = {key: found[original] for key, original in table.items()}
         networks[component] = materialize(component, configs[component], state, dtype=dtype, device=device,
-                                          what=f"{path} ({component})")
+                                          what=f"{path} ({component})", memory_format=memory_format)
     # A single file holds no tokenizer; SD v1.x's is CLIP's own, shipped with the package.
     text = configs["text_encoder"]
     tokenizer = CLIPTokenizer.clip() if (text.vocab_size, text.max_positions) == CLIP_SHAPE else None
