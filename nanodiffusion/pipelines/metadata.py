@@ -111,7 +111,8 @@ def model_hash(path: str | Path, *, cache: Path | None = None) -> str:
     """
     files = weight_files(path)
     cache = hash_cache_path() if cache is None else cache
-    key = "|".join(f"{file.resolve()}:{file.stat().st_size}:{file.stat().st_mtime_ns}" for file in files)
+    stats = [(file.resolve(), file.stat()) for file in files]
+    key = "|".join(f"{path}:{stat.st_size}:{stat.st_mtime_ns}" for path, stat in stats)
     known = _read_hash_cache(cache)
     if key in known:
         return known[key]

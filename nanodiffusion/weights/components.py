@@ -62,17 +62,6 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return dtype
 
 
-def cpu_has_native_bf16() -> bool:
-    """True when this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16, read from /proc/cpuinfo on Linux):
-    there bf16 convolutions and matmuls run about twice as fast as fp32, elsewhere they are emulated."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def _listing(names) -> str:
     names = sorted(names)
     more = f" ... and {len(names) - _SHOWN} more" if len(names) > _SHOWN else ""

@@ -72,7 +72,7 @@ def convert_module(module: torch.nn.Module, change: Callable[[torch.Tensor], tor
     changed = _releasing(change)
     with torch.no_grad():
         for submodule in module.modules():
-            for _, parameter in submodule.named_parameters(recurse=False):
+            for parameter in submodule.parameters(recurse=False):
                 parameter.data = changed(parameter.data)
             for name, buffer in submodule.named_buffers(recurse=False):
                 setattr(submodule, name, changed(buffer))
