@@ -197,3 +197,12 @@ def test_a_single_file_gets_clips_tokenizer_and_generates_from_the_command_line(
                  "--out", str(tmp_path / "folder.png")]) == 0
     with Image.open(tmp_path / "file.png") as file, Image.open(tmp_path / "folder.png") as folder:
         assert np.array_equal(np.asarray(file), np.asarray(folder))
+
+
+def test_generate_from_a_single_file_without_clips_text_encoder_is_a_clear_error(tmp_path, capsys):
+    save_single_file(random_components(), tmp_path / "odd.safetensors")     # a tiny vocabulary, not CLIP's
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "a cat", "--model", str(tmp_path / "odd.safetensors"), "--out", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert "holds no tokenizer and its text encoder is not CLIP's (SD v1.x's)" in err
