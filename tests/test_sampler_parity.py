@@ -10,8 +10,8 @@ import inspect
 import pytest
 import torch
 
-from nanodiffusion.diffusion.denoisers import Denoiser
-from nanodiffusion.diffusion.samplers import SAMPLERS, lcm_boundary_condition
+from nanodiffusion.diffusion.denoisers import Denoiser, lcm_boundary_condition
+from nanodiffusion.diffusion.samplers import SAMPLERS
 from nanodiffusion.diffusion.sampling_plan import final_latent, initial_noise_scale, make_sigmas
 from nanodiffusion.diffusion.schedules import ScheduleConfig, alphas_cumprod_to_sigmas, get_alphas_cumprod
 
@@ -75,7 +75,7 @@ def run_ours(name, num_steps, plan, options, quantize=None, seed=0):
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(SHAPE, generator=generator)
     x = x * initial_noise_scale(name, sigmas, spacing=plan.get("spacing"))
-    x = SAMPLERS[name](model, x, sigmas, generator=generator, **options)
+    x = SAMPLERS[name].function(model, x, sigmas, generator=generator, **options)
     return final_latent(name, x, sigmas), net.timesteps
 
 

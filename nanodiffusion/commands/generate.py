@@ -22,9 +22,7 @@ from nanodiffusion.images import image_grid, read_png_text, save_gif, save_png, 
 from nanodiffusion.pipelines.metadata import (
     PARAMETERS_KEY, SETTINGS_KEY, a1111_parameters, model_hash, read_settings, settings_json,
 )
-from nanodiffusion.pipelines.text_to_image import (
-    BUILTIN_MODELS, GenerationRequest, TextToImage, resolve_sampler,
-)
+from nanodiffusion.pipelines.text_to_image import BUILTIN_MODELS, GenerationRequest, TextToImage
 from nanodiffusion.weights.components import DTYPES
 from nanodiffusion.weights.hub import download_repo, looks_like_repo_id
 
@@ -178,7 +176,7 @@ def run(args) -> None:
     for k, (seed, out) in enumerate(zip(seeds, paths)):
         label = f"image {k + 1}/{len(seeds)}"
         image, frames, done = _generate_one(pipe, replace(request, seed=seed), args, label)
-        text = {PARAMETERS_KEY: a1111_parameters(done, resolve_sampler(done.sampler), name, digest),
+        text = {PARAMETERS_KEY: a1111_parameters(done, name, digest),
                 SETTINGS_KEY: settings_json(done, model=settings["model"], model_hash=digest,
                                             dtype=settings["dtype"], device=torch.device(device).type,
                                             vae_tile=settings["vae_tile"])}

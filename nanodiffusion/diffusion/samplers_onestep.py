@@ -11,7 +11,6 @@ from typing import Callable
 
 import torch
 
-from nanodiffusion.diffusion.schedules import alphas_cumprod_to_sigmas, sigma_to_t
 from nanodiffusion.errors import UserError
 
 
@@ -176,7 +175,8 @@ def sample_lcm(model, x, sigmas, *, generator=None, callback=None):
     """Multistep consistency sampling (Song et al. 2023, Algorithm 1), as Luo et al. 2023 sample LCMs.
 
     Jump to the clean estimate, then re-noise it to the next sigma: x' = D(x, sigma) + sigma'·z. `model`
-    should be a consistency function; wrap an LCM's denoiser with `lcm_boundary_condition` to match diffusers.
+    should be a consistency function: wrap an LCM's denoiser with `denoisers.lcm_boundary_condition` to
+    match diffusers.
     """
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
@@ -186,25 +186,3 @@ def sample_lcm(model, x, sigmas, *, generator=None, callback=None):
             x = x + noise_like(x, generator) * sigma_next
         report_step(callback, i, x, denoised)
     return x
-
-
-def lcm_boundary_condition(model: Callable, alphas_cumprod: torch.Tensor, timestep_scaling: float = 10.0,
-                           sigma_data: float = 0.5) -> Callable:
-    """Return f(x, sigma) = c_skip(t)·x_vp + c_out(t)·D(x, sigma), LCM's consistency parametrisation.
-
-    c_skip = σ_d²/((k·t)² + σ_d²) and c_out = k·t/sqrt((k·t)² + σ_d²) with k = timestep_scaling and x_vp =
-    x/sqrt(1 + sigma²) (Song et al. 2023, §3; diffusers' LCMScheduler). At SD's LCM timesteps (t >= 19)
-    c_skip < 7e-6 and 1 - c_out < 4e-6: the wrapper matters only for exact parity.
-    """
-    table = alphas_cumprod_to_sigmas(alphas_cumprod.double())
-
-    def consistency(x: torch.Tensor, sigma) -> torch.Tensor:
-        s = torch.as_tensor(sigma, dtype=torch.float64)
-        s = s.reshape(-1, *([1] * (x.ndim - 1)))                                  # (B or 1, 1, 1, 1)
-        scaled_t = sigma_to_t(s, table).double() * timestep_scaling
-        c_skip = sigma_data**2 / (scaled_t**2 + sigma_data**2)
-        c_out = scaled_t / (scaled_t**2 + sigma_data**2).sqrt()
-        x_vp = x / (1 + s**2).sqrt()
-        return (c_skip * x_vp + c_out * model(x, sigma)).to(x.dtype)
-
-    return consistency

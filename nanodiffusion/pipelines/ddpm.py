@@ -1,18 +1,15 @@
 """Sampling a pixel-space DDPM model: wires a UNet, its schedule and a sampler; writes grids, GIFs, PNGs."""
 
-import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from nanodiffusion.diffusion.denoisers import Denoiser
-from nanodiffusion.diffusion.guidance import cfg_denoiser
-from nanodiffusion.diffusion.samplers import get_sampler
-from nanodiffusion.diffusion.schedules import (
-    ScheduleConfig, check_num_steps, get_alphas_cumprod, get_sigmas_from_timesteps, get_timesteps,
-)
+from nanodiffusion.diffusion.denoisers import Denoiser, cfg_denoiser
+from nanodiffusion.diffusion.samplers import SAMPLERS, resolve_sampler
+from nanodiffusion.diffusion.sampling_plan import SchedulerSettings, final_latent, initial_noise_scale
+from nanodiffusion.diffusion.schedules import ScheduleConfig, check_num_steps
 from nanodiffusion.errors import UserError
 from nanodiffusion.images import image_grid, save_gif, save_png, to_pil
 from nanodiffusion.nets.ddpm_unet import DDPMUNet, DDPMUNetConfig
@@ -37,7 +34,9 @@ class DDPMPipeline:
         self.unet = unet.eval()
         self.schedule = schedule
         self.class_names = tuple(class_names) if class_names else None
-        self.denoiser = Denoiser(self._net, get_alphas_cumprod(schedule), prediction)
+        # the grids of text-to-image, under diffusers' defaults for what a ScheduleConfig does not say
+        self.scheduler = SchedulerSettings.from_schedule(schedule, prediction)
+        self.denoiser = Denoiser(self._net, self.scheduler.alphas_cumprod, prediction)
 
     def _net(self, x, t, class_labels=None):
         return self.unet(x, t, class_labels=class_labels)
@@ -99,32 +98,31 @@ class DDPMPipeline:
             raise UserError(f"the number of images must be >= 1, got {num_images}")
         if guidance_scale < 0:
             raise UserError(f"guidance scale must be >= 0, got {guidance_scale}")
-        sample_fn = get_sampler(sampler)
+        sampler = resolve_sampler(sampler)
         check_num_steps(num_steps, self.schedule.num_timesteps)
         if gif_frames > num_steps + 1:
             raise UserError(f"a GIF of the reverse process has at most steps + 1 = {num_steps + 1} frames, "
                             f"asked for {gif_frames}")
-        spacing = "leading" if num_steps < self.schedule.num_timesteps else "linspace"
-        sigmas = get_sigmas_from_timesteps(get_timesteps(num_steps, self.schedule.num_timesteps, spacing),
-                                           self.denoiser.sigmas).float()
+        sigmas = self.scheduler.sigmas(sampler, num_steps)
         class_labels = self.resolve_labels(num_images, labels)
         model = self._guided_model(class_labels, guidance_scale)
         generator = torch.Generator().manual_seed(seed)
         cfg = self.unet.config
         noise = torch.randn(num_images, cfg.in_channels, cfg.image_size, cfg.image_size, generator=generator)
-        x = noise * (1 + sigmas[0] ** 2).sqrt()           # x_T ~ N(0, I) in the network's VP scale
+        x = noise * initial_noise_scale(sampler, sigmas, spacing=self.scheduler.spacing)
         record = _frame_steps(num_steps, gif_frames)
-        frames = [(x / (1 + sigmas[0] ** 2).sqrt()).clamp(-1, 1)] if gif_frames else []
+        frames = [_vp(x, sigmas[0]).clamp(-1, 1)] if gif_frames else []
         bar = tqdm(total=num_steps, desc="sampling", disable=not progress, leave=False)
 
         def callback(i, x_i, denoised):
             bar.update(1)
             if i in record:
-                frames.append((x_i / (1 + sigmas[i + 1] ** 2).sqrt()).clamp(-1, 1))
+                frames.append(_vp(x_i, sigmas[i + 1]).clamp(-1, 1))
 
-        options = {"generator": generator} if "generator" in inspect.signature(sample_fn).parameters else {}
-        x = sample_fn(model, x, sigmas, callback=callback, **options, **sampler_options)
+        x = SAMPLERS[sampler].function(model, x, sigmas, generator=generator, callback=callback,
+                                       **sampler_options)
         bar.close()
+        x = final_latent(sampler, x, sigmas)
         return SampleResult(x.clamp(-1, 1), class_labels, frames)
 
     def _guided_model(self, class_labels, guidance_scale: float):
@@ -145,6 +143,11 @@ class DDPMPipeline:
 
     def label_name(self, label: int) -> str:
         return self.class_names[label] if self.class_names else str(label)
+
+
+def _vp(x: torch.Tensor, sigma) -> torch.Tensor:
+    """x = x0 + sigma·eps in the network's variance-preserving scale, where images live in [-1, 1]."""
+    return x / (1 + float(sigma) ** 2) ** 0.5
 
 
 def _frame_steps(num_steps: int, gif_frames: int) -> set[int]:

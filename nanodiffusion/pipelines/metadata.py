@@ -17,6 +17,8 @@ from pathlib import Path
 
 from nanodiffusion import __version__
 from nanodiffusion.atomic import atomic_write
+from nanodiffusion.diffusion.samplers import SAMPLERS, resolve_sampler
+from nanodiffusion.diffusion.sampling_plan import SIGMA_SCHEDULES
 from nanodiffusion.errors import UserError
 
 PARAMETERS_KEY = "parameters"
@@ -25,19 +27,11 @@ SETTINGS_FORMAT = 1
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".bin", ".pt", ".pth")
 CACHE_ENV_VAR = "NANODIFFUSION_CACHE"        # folder of the model-hash cache (default ~/.cache/nanodiffusion)
 
-A1111_SAMPLER_NAMES = {             # our sampler name -> A1111's label
-    "ddpm": "DDPM", "ddim": "DDIM", "plms": "PLMS", "lms": "LMS", "euler": "Euler",
-    "euler_ancestral": "Euler a", "heun": "Heun", "dpm_2": "DPM2", "dpm_2_ancestral": "DPM2 a",
-    "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_sde": "DPM++ 2M SDE", "unipc": "UniPC", "lcm": "LCM",
-}
-A1111_SCHEDULE_NAMES = {"karras": "Karras", "exponential": "Exponential"}
-
-
-def a1111_parameters(request, sampler: str, model_name: str | None, model_hash: str | None) -> str:
+def a1111_parameters(request, model_name: str | None, model_hash: str | None) -> str:
     """A1111's infotext for one image of `request` (a GenerationRequest with one prompt and seed filled in).
 
-    `sampler` is our canonical sampler name. As A1111: no negative line when there is no negative prompt,
-    and values holding a comma, colon or newline are written as JSON strings.
+    As A1111: no negative line when there is no negative prompt, no schedule type for the sampler's own, and
+    values holding a comma, colon or newline are written as JSON strings.
     """
     lines = [request.prompts[0]]
     negative = request.negative_prompts[0]
@@ -45,8 +39,9 @@ def a1111_parameters(request, sampler: str, model_name: str | None, model_hash: 
         lines.append(f"Negative prompt: {negative}")
     settings = {
         "Steps": request.num_steps,
-        "Sampler": A1111_SAMPLER_NAMES.get(sampler, sampler),
-        "Schedule type": A1111_SCHEDULE_NAMES.get(request.sigma_schedule),
+        "Sampler": SAMPLERS[resolve_sampler(request.sampler)].a1111,
+        "Schedule type": SIGMA_SCHEDULES[request.sigma_schedule].a1111 if request.sigma_schedule != "default"
+        else None,
         "CFG scale": f"{request.guidance_scale:g}",
         "Seed": request.seed,
         "Size": f"{request.width}x{request.height}",

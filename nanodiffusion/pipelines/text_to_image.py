@@ -18,18 +18,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from nanodiffusion.diffusion.denoisers import Denoiser
-from nanodiffusion.diffusion.editing import img2img_sigmas, inpainting_denoiser
-from nanodiffusion.diffusion.guidance import cfg_denoiser
-from nanodiffusion.diffusion.samplers import SAMPLERS, lcm_boundary_condition
-from nanodiffusion.diffusion.sampling_plan import SIGMA_SCHEDULES, final_latent, initial_noise_scale
+from nanodiffusion.diffusion.denoisers import Denoiser, cfg_denoiser, inpainting_denoiser, lcm_boundary_condition
+from nanodiffusion.diffusion.samplers import SAMPLERS, resolve_sampler
+from nanodiffusion.diffusion.sampling_plan import (
+    SchedulerSettings, check_sigma_schedule, final_latent, img2img_sigmas, initial_noise_scale,
+)
 from nanodiffusion.diffusion.schedules import check_num_steps
 from nanodiffusion.errors import UserError
 from nanodiffusion.images import image_grid, to_pil
 from nanodiffusion.nets.vae_tiling import decode_sliced, decode_tiled
 from nanodiffusion.pipelines.img2img import ImageInput, prepare_images, prepare_mask
 from nanodiffusion.pipelines.prompts import count_chunks, encode_prompts
-from nanodiffusion.pipelines.scheduling import DEFAULT_SAMPLER, SchedulerSettings, resolve_sampler
 from nanodiffusion.weights import file_pages, load_sd
 from nanodiffusion.weights.components import SD15_SCHEDULER, resolve_dtype
 
@@ -37,6 +36,7 @@ __all__ = ["TextToImage", "GenerationRequest", "TextToImageOutput", "image_grid"
 
 BUILTIN_MODELS = {"builtin": Path(__file__).resolve().parent.parent / "builtin" / "text_to_image"}
 OUTPUT_TYPES = ("pil", "np", "latent")
+DEFAULT_SAMPLER = "pndm"                # diffusers' default for SD v1.x (our plms)
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class GenerationRequest:
     height: int | None = None            # None: the init image's size, else the model's (512 for SD v1.x)
     width: int | None = None
     num_images_per_prompt: int = 1
-    sampler: str = DEFAULT_SAMPLER       # a key of SAMPLERS or an alias (scheduling.SAMPLER_ALIASES)
+    sampler: str = DEFAULT_SAMPLER       # a key of SAMPLERS or an alias of one (diffusion/samplers.py)
     sigma_schedule: str = "default"      # "default" (the scheduler's timesteps), "karras" or "exponential"
     strength: float = 0.8                # img2img and inpainting only: the fraction of the steps run
     clip_skip: int = 1                   # 2: the penultimate CLIP layer (A1111's "Clip skip")
@@ -78,9 +78,7 @@ class GenerationRequest:
         if not isinstance(self.num_images_per_prompt, int) or self.num_images_per_prompt < 1:
             raise UserError(f"num_images_per_prompt must be >= 1, got {self.num_images_per_prompt!r}")
         resolve_sampler(self.sampler)
-        if self.sigma_schedule not in SIGMA_SCHEDULES:
-            raise UserError(f"unknown sigma schedule {self.sigma_schedule!r}; "
-                            f"valid: {', '.join(SIGMA_SCHEDULES)}")
+        check_sigma_schedule(self.sigma_schedule)
         if not 0 <= self.strength <= 1:
             raise UserError(f"strength must be between 0 and 1, got {self.strength}")
         if not isinstance(self.clip_skip, int) or self.clip_skip < 1:
@@ -404,7 +402,7 @@ class TextToImage:
             if callback is not None:
                 callback(i, x_i, denoised)
 
-        x = SAMPLERS[sampler](model, x, sigmas, generator=generator, callback=step)
+        x = SAMPLERS[sampler].function(model, x, sigmas, generator=generator, callback=step)
         bar.close()
         return x
 

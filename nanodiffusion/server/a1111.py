@@ -13,9 +13,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from nanodiffusion import __version__
-from nanodiffusion.diffusion.samplers import SAMPLERS
-from nanodiffusion.pipelines.metadata import A1111_SAMPLER_NAMES, A1111_SCHEDULE_NAMES
-from nanodiffusion.pipelines.scheduling import SAMPLER_ALIASES, resolve_sampler
+from nanodiffusion.diffusion.samplers import SAMPLERS, resolve_sampler
+from nanodiffusion.diffusion.sampling_plan import SIGMA_SCHEDULES
 from nanodiffusion.pipelines.text_to_image import GenerationRequest
 
 MAX_IMAGES_PER_BATCH = 4
@@ -25,7 +24,7 @@ MAX_SIZE = 2048
 MAX_PROMPT_CHARS = 10_000
 DEFAULT_SAMPLER = "Euler"           # A1111's API default
 # A1111's scheduler names (lowercase) -> our sigma schedules
-SCHEDULERS = {"automatic": "default", **{label.lower(): name for name, label in A1111_SCHEDULE_NAMES.items()}}
+SCHEDULERS = {schedule.a1111.lower(): name for name, schedule in SIGMA_SCHEDULES.items()}
 # A1111 (1.10) txt2img fields that we accept and ignore: they are listed in info["ignored_fields"]
 IGNORED_FIELDS = frozenset((
     "styles subseed subseed_strength seed_resize_from_h seed_resize_from_w restore_faces tiling "
@@ -122,8 +121,9 @@ class Txt2ImgRequest(BaseModel):
 
 def split_schedule(sampler_name: str) -> tuple[str, str]:
     """A1111's older combined names: "DPM++ 2M Karras" -> ("DPM++ 2M", "karras")."""
-    for name, label in A1111_SCHEDULE_NAMES.items():
-        if sampler_name.endswith(f" {label}"):
+    for name, schedule in SIGMA_SCHEDULES.items():
+        label = schedule.a1111
+        if name != "default" and sampler_name.endswith(f" {label}"):
             return sampler_name[:-len(label) - 1], name
     return sampler_name, "default"
 
@@ -137,8 +137,8 @@ def txt2img_info(body: Txt2ImgRequest, images: list, model, interrupted: bool) -
         "negative_prompt": body.negative_prompt, "all_negative_prompts": [body.negative_prompt] * len(images),
         "seed": first.seed if first else None, "all_seeds": [image.seed for image in images],
         "width": first.width if first else body.width, "height": first.height if first else body.height,
-        "sampler_name": A1111_SAMPLER_NAMES.get(sampler, sampler),
-        "scheduler": A1111_SCHEDULE_NAMES.get(schedule, "Automatic"),
+        "sampler_name": SAMPLERS[sampler].a1111,
+        "scheduler": SIGMA_SCHEDULES[schedule].a1111,
         "cfg_scale": body.cfg_scale, "steps": body.steps,
         "batch_size": body.batch_size, "n_iter": body.n_iter,
         "clip_skip": body.override_settings.get(CLIP_SKIP_SETTING, 1),
@@ -170,10 +170,8 @@ def progress(job, jobs_waiting: int) -> dict:
 
 def samplers() -> list[dict]:
     """`GET /sdapi/v1/samplers`: A1111's label for each of our samplers, our name and aliases."""
-    aliases = {name: [alias for alias, target in SAMPLER_ALIASES.items()
-                      if target == name and alias != A1111_SAMPLER_NAMES.get(name)] for name in SAMPLERS}
-    return [{"name": A1111_SAMPLER_NAMES.get(name, name), "aliases": [name, *aliases[name]], "options": {}}
-            for name in SAMPLERS]
+    return [{"name": sampler.a1111, "aliases": [name, *sampler.aliases], "options": {}}
+            for name, sampler in SAMPLERS.items()]
 
 
 def schedulers() -> list[dict]:

@@ -9,7 +9,6 @@ from pathlib import Path
 
 from nanodiffusion.images import write_png
 from nanodiffusion.pipelines.metadata import PARAMETERS_KEY, SETTINGS_KEY, a1111_parameters, settings_json
-from nanodiffusion.pipelines.scheduling import resolve_sampler
 from nanodiffusion.server.jobs import GeneratedImage, Job
 
 
@@ -36,7 +35,7 @@ def run_job(pipe, model: ServedModel, job: Job) -> None:
         job.step_done(k, 0)
         output = pipe.generate(request, callback=lambda i, x, denoised: job.step_done(k, i + 1))
         done = output.request
-        text = {PARAMETERS_KEY: a1111_parameters(done, resolve_sampler(done.sampler), model.name, model.hash),
+        text = {PARAMETERS_KEY: a1111_parameters(done, model.name, model.hash),
                 SETTINGS_KEY: settings_json(done, model=model.argument, model_hash=model.hash,
                                             dtype=model.dtype, device=model.device)}
         job.images.append(GeneratedImage(png_bytes(output.images[0], text), done.seed,

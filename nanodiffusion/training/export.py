@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
+from nanodiffusion.diffusion.sampling_plan import BETA_SCHEDULES
 from nanodiffusion.diffusion.schedules import ScheduleConfig
 from nanodiffusion.errors import UserError
-from nanodiffusion.pipelines.scheduling import BETA_SCHEDULES
 from nanodiffusion.tokenizer import CLIPTokenizer
 from nanodiffusion.weights.components import NETWORKS, SD15_SCHEDULER, check_state_dict, expected_shapes
 from nanodiffusion.weights.diffusers_folder import (
