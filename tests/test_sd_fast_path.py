@@ -12,7 +12,7 @@ from nanodiffusion.nets.sd_blocks import Upsample, attention, nearest_upsampling
 from nanodiffusion.nets.sd_unet import TINY_UNET, SDUNet
 from nanodiffusion.nets.vae import TINY_VAE, AutoencoderKL, VAEConfig
 from nanodiffusion.nets.vae_tiling import decode_sliced, decode_tiled, tile_spans
-from tiny_sd import randomize_, tiny_ours
+from fixtures import randomize_, tiny_ours
 
 # bf16 keeps 8 significant bits: a tiny UNet's eps stays within 3% of its largest value, and a decoded image
 # within the PSNR the SD v1.5 benchmark asks of the bf16 path (35 dB on the [0, 1] scale).

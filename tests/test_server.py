@@ -25,15 +25,15 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from nanodiffusion import __version__  # noqa: E402
 from nanodiffusion.cli import COMMANDS  # noqa: E402
-from nanodiffusion.commands import generate, serve  # noqa: E402
+from nanodiffusion.commands import serve  # noqa: E402
 from nanodiffusion.errors import UserError  # noqa: E402
-from nanodiffusion.pipelines.metadata import read_settings  # noqa: E402
-from nanodiffusion.pipelines.text_to_image import GenerationRequest, TextToImageOutput  # noqa: E402
+from nanodiffusion.pipelines.metadata import ModelRecord, read_settings  # noqa: E402
+from nanodiffusion.pipelines.request import GenerationRequest, TextToImageOutput  # noqa: E402
 from nanodiffusion.server.app import create_app  # noqa: E402
-from nanodiffusion.server.generation import ServedModel  # noqa: E402
-from tiny_sd import tiny_ours  # noqa: E402
+from nanodiffusion.weights.models import BUILTIN_TEXT_TO_IMAGE  # noqa: E402
+from fixtures import tiny_ours  # noqa: E402
 
-MODEL = ServedModel("tiny-sd", Path("tiny-sd"), "0123456789", "fp32", "cpu")
+MODEL = ModelRecord("tiny-sd", Path("tiny-sd"), "0123456789", "fp32", "cpu")
 FAST = {"steps": 2, "width": 16, "height": 16}           # the tiny VAE halves: 8x8 latents
 WAIT = 10.0                                               # seconds before a test gives up on an event
 
@@ -317,12 +317,12 @@ def serve_command(*argv: str) -> None:
 
 
 def test_serve_needs_fastapi_and_a_model(monkeypatch, tmp_path):
-    assert COMMANDS["serve"] == "serve"
+    assert COMMANDS["serve"][0] == "serve"
     with monkeypatch.context() as patch:
         patch.setitem(sys.modules, "uvicorn", None)                     # as if it were not installed
         with pytest.raises(UserError, match=r"pip install 'nanodiffusion\[serve\]'"):
             serve_command("--model", str(tmp_path))
-    monkeypatch.setitem(generate.BUILTIN_MODELS, "builtin", tmp_path / "not-shipped")
+    monkeypatch.setitem(BUILTIN_TEXT_TO_IMAGE, "builtin", tmp_path / "not-shipped")
     with pytest.raises(UserError, match=r"not shipped yet \(or was removed\): pass --model"):
         serve_command()
     with pytest.raises(UserError, match="no such model file or folder"):

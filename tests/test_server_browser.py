@@ -16,9 +16,9 @@ pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 sync_api = pytest.importorskip("playwright.sync_api")
 
+from nanodiffusion.pipelines.metadata import ModelRecord  # noqa: E402
 from nanodiffusion.server.app import create_app  # noqa: E402
-from nanodiffusion.server.generation import ServedModel  # noqa: E402
-from tiny_sd import tiny_ours  # noqa: E402
+from fixtures import tiny_ours  # noqa: E402
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
@@ -30,7 +30,7 @@ def base_url():
     """A uvicorn server in a thread of this process, on a free port of 127.0.0.1, serving a tiny model."""
     pipe = tiny_ours()
     pipe.show_progress = False
-    model = ServedModel("tiny-sd", Path("tiny-sd"), "0123456789", "fp32", "cpu")
+    model = ModelRecord("tiny-sd", Path("tiny-sd"), "0123456789", "fp32", "cpu")
     server = uvicorn.Server(uvicorn.Config(create_app(pipe, model), host="127.0.0.1", port=0,
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -22,7 +22,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from nanodiffusion.weights import SDComponents, save_diffusers  # noqa: E402
-from tiny_sd import tiny_ours  # noqa: E402
+from fixtures import tiny_ours  # noqa: E402
 
 NUM_REQUESTS = 60
 QUEUE_SIZE = 4

@@ -16,8 +16,8 @@ from nanodiffusion.weights import load_sd, save_diffusers, save_single_file
 from nanodiffusion.weights.components import SDComponents, build_on_meta, expected_shapes
 from nanodiffusion.weights.original_keys import rename_table
 from nanodiffusion.weights.single_file import infer_unet_config, infer_vae_config, to_original
-from tiny_sd import tiny_ours
-from weights_fixtures import assert_same_weights, random_components, tiny_text_config, tiny_tokenizer
+from fixtures import tiny_ours
+from fixtures import assert_same_weights, random_components, tiny_text_config, tiny_tokenizer
 
 # Layouts beyond TINY_UNET: three levels, attention at the first two and not the last (as SD), one resnet per
 # level, two transformer blocks; and one with attention everywhere and linear projections.

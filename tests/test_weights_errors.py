@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from nanodiffusion.errors import UserError
 from nanodiffusion.weights import load_sd, save_diffusers, save_single_file
 from nanodiffusion.weights.single_file import to_original
-from weights_fixtures import random_components
+from fixtures import random_components
 
 UNET_FILE = "unet/diffusion_pytorch_model.safetensors"
 
@@ -205,7 +205,7 @@ def test_folder_problems(folder):
 
 
 def test_missing_path_is_not_taken_for_a_repo_id(tmp_path):
-    with pytest.raises(UserError, match="no such file or folder"):
+    with pytest.raises(UserError, match="no such model file or folder"):
         load_sd(tmp_path / "nothing.safetensors")
-    with pytest.raises(UserError, match="no such file or folder"):
+    with pytest.raises(UserError, match="no such model file or folder"):
         load_sd("models/v1-5.ckpt")

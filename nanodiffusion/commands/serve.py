@@ -7,18 +7,17 @@ Generations run one at a time from a bounded queue; when it is full the server a
 
 import torch
 
-from nanodiffusion.commands.generate import DEFAULT_MODEL, resolve_model
 from nanodiffusion.errors import UserError
-from nanodiffusion.pipelines.metadata import model_hash
+from nanodiffusion.pipelines.metadata import ModelRecord
 from nanodiffusion.pipelines.text_to_image import TextToImage
 from nanodiffusion.weights.components import DTYPES
+from nanodiffusion.weights.models import DEFAULT_TEXT_TO_IMAGE, model_hash, model_path
 
-HELP = "serve a web page and AUTOMATIC1111's HTTP API for text-to-image"
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL,
+    p.add_argument("--model", default=DEFAULT_TEXT_TO_IMAGE,
                    help="diffusers folder, .safetensors/.ckpt file or Hugging Face repo id")
     p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0: every interface")
     p.add_argument("--port", type=int, default=7860, help="port (A1111's default); 0: a free one")
@@ -35,7 +34,6 @@ def run(args) -> None:
         import uvicorn
 
         from nanodiffusion.server.app import create_app
-        from nanodiffusion.server.generation import ServedModel
     except ImportError as error:
         raise UserError(f"the server needs FastAPI and uvicorn ({error}): "
                         "pip install 'nanodiffusion[serve]'") from None
@@ -44,10 +42,10 @@ def run(args) -> None:
     if not 0 <= args.port < 65536:
         raise UserError(f"--port must be in 0..65535, got {args.port}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    path = resolve_model(args.model)
+    path = model_path(args.model)
     pipe = TextToImage.from_pretrained(path, dtype=DTYPES[args.dtype], device=device)
     pipe.show_progress = False
-    model = ServedModel(args.model, path, model_hash(path), args.dtype, torch.device(device).type)
+    model = ModelRecord(args.model, path, model_hash(path), args.dtype, torch.device(device).type)
     app = create_app(pipe, model, queue_size=args.queue_size)
     if args.host not in LOCAL_HOSTS:
         print(f"warning: listening on {args.host}: anyone who can reach it can use the server "

@@ -10,7 +10,7 @@ import math
 import numpy as np
 import torch
 
-from nanodiffusion.diffusion.samplers_onestep import noise_like, report_step
+from nanodiffusion.diffusion.samplers_onestep import noise_like, report_step, sigma_steps
 from nanodiffusion.errors import UserError
 
 # Adams-Bashforth weights for equal steps, newest value first (PLMS of Liu et al. 2022 uses all four)
@@ -63,8 +63,7 @@ def sample_plms(model, x, sigmas, *, generator=None, callback=None):
     first step is CompVis' pseudo improved Euler (a Heun step in eps); later steps use up to 4 past eps.
     """
     eps_history = []
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+    for i, sigma, sigma_next in sigma_steps(sigmas):
         denoised = model(x, sigma)
         eps = (x - denoised) / sigma
         eps_history = (eps_history + [eps])[-4:]
@@ -83,8 +82,7 @@ def sample_plms(model, x, sigmas, *, generator=None, callback=None):
 def sample_dpmpp_2m(model, x, sigmas, *, generator=None, callback=None):
     """DPM-Solver++(2M): multistep 2nd-order solver in lambda = -log sigma (Lu et al. 2022b, Algorithm 2)."""
     old_denoised, h_last = None, None
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+    for i, sigma, sigma_next in sigma_steps(sigmas):
         denoised = model(x, sigma)
         if sigma_next == 0:                                        # the exact solution at sigma = 0
             x = denoised
@@ -110,8 +108,7 @@ def sample_dpmpp_2m_sde(model, x, sigmas, *, eta=1.0, generator=None, callback=N
     diffusers.
     """
     old_denoised, h_last = None, None
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+    for i, sigma, sigma_next in sigma_steps(sigmas):
         denoised = model(x, sigma)
         if sigma_next == 0:
             x = denoised

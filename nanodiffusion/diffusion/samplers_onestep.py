@@ -25,6 +25,12 @@ def noise_like(x: torch.Tensor, generator: torch.Generator | None,
     return noise.to(x.device, x.dtype)
 
 
+def sigma_steps(sigmas: torch.Tensor):
+    """(i, sigma_i, sigma_{i+1}) as Python floats for each step i of a grid."""
+    values = sigmas.tolist()
+    return ((i, values[i], values[i + 1]) for i in range(len(values) - 1))
+
+
 def report_step(callback: Callable | None, i: int, x: torch.Tensor, denoised: torch.Tensor) -> None:
     if callback is not None:
         callback(i, x, denoised)
@@ -53,8 +59,7 @@ def _midpoint_step(model, x, slope, sigma, sigma_next):
 @torch.no_grad()
 def sample_euler(model, x, sigmas, *, generator=None, callback=None):
     """Euler's method on the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma (Karras eq. 4)."""
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+    for i, sigma, sigma_next in sigma_steps(sigmas):
         denoised = model(x, sigma)
         x = x + (x - denoised) / sigma * (sigma_next - sigma)
         report_step(callback, i, x, denoised)
@@ -65,8 +70,7 @@ def sample_euler(model, x, sigmas, *, generator=None, callback=None):
 def sample_euler_ancestral(model, x, sigmas, *, eta=1.0, generator=None, callback=None):
     """Euler step down to sigma_down, then fresh noise up to sigma_next (k-diffusion's
     `sample_euler_ancestral`)."""
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+    for i, sigma, sigma_next in sigma_steps(sigmas):
         denoised = model(x, sigma)
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
         x = x + (x - denoised) / sigma * (sigma_down - sigma)
@@ -79,8 +83,7 @@ def sample_euler_ancestral(model, x, sigmas, *, eta=1.0, generator=None, callbac
 @torch.no_grad()
 def sample_heun(model, x, sigmas, *, generator=None, callback=None):
     """Heun's 2nd-order method on the probability-flow ODE (Karras et al. 2022, Algorithm 1)."""
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+    for i, sigma, sigma_next in sigma_steps(sigmas):
         denoised = model(x, sigma)
         slope = (x - denoised) / sigma
         x_next = x + slope * (sigma_next - sigma)                  # Euler predictor
@@ -95,8 +98,7 @@ def sample_heun(model, x, sigmas, *, generator=None, callback=None):
 @torch.no_grad()
 def sample_dpm_2(model, x, sigmas, *, generator=None, callback=None):
     """DPM2: the midpoint method in log-sigma (k-diffusion's `sample_dpm_2`); a step to sigma = 0 is Euler."""
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+    for i, sigma, sigma_next in sigma_steps(sigmas):
         denoised = model(x, sigma)
         slope = (x - denoised) / sigma
         if sigma_next == 0:
@@ -110,8 +112,7 @@ def sample_dpm_2(model, x, sigmas, *, generator=None, callback=None):
 @torch.no_grad()
 def sample_dpm_2_ancestral(model, x, sigmas, *, eta=1.0, generator=None, callback=None):
     """DPM2 down to sigma_down, then fresh noise up to sigma_next (k-diffusion's `sample_dpm_2_ancestral`)."""
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+    for i, sigma, sigma_next in sigma_steps(sigmas):
         denoised = model(x, sigma)
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
         slope = (x - denoised) / sigma
@@ -132,8 +133,7 @@ def sample_ddim(model, x, sigmas, *, eta=0.0, generator=None, callback=None):
     With ᾱ = 1/(1 + sigma²): x_prev = x0 + sqrt(1 - ᾱ' - s²)/sqrt(ᾱ')·eps + s/sqrt(ᾱ')·z, where
     s = eta·sqrt((1-ᾱ')/(1-ᾱ))·sqrt(1 - ᾱ/ᾱ') is the DDIM noise scale of eq. 16.
     """
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+    for i, sigma, sigma_next in sigma_steps(sigmas):
         denoised = model(x, sigma)
         eps = (x - denoised) / sigma
         a, a_next = 1 / (1 + sigma**2), 1 / (1 + sigma_next**2)
@@ -154,8 +154,7 @@ def sample_ddpm(model, x, sigmas, *, variance="beta_tilde", generator=None, call
     """
     if variance not in ("beta_tilde", "beta"):
         raise UserError(f"unknown DDPM variance {variance!r}; valid: beta_tilde, beta")
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+    for i, sigma, sigma_next in sigma_steps(sigmas):
         denoised = model(x, sigma)
         a, a_prev = 1 / (1 + sigma**2), 1 / (1 + sigma_next**2)
         beta = 1 - a / a_prev
@@ -178,8 +177,7 @@ def sample_lcm(model, x, sigmas, *, generator=None, callback=None):
     should be a consistency function: wrap an LCM's denoiser with `denoisers.lcm_boundary_condition` to
     match diffusers.
     """
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+    for i, sigma, sigma_next in sigma_steps(sigmas):
         denoised = model(x, sigma)
         x = denoised
         if sigma_next > 0:

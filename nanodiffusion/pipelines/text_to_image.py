@@ -8,140 +8,28 @@ stochastic samplers' step noise. diffusers' StableDiffusionPipeline draws the sa
 from one generator, so both give the same images (tests/test_pipeline_parity.py).
 """
 
-import json
 import random
 import warnings
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from nanodiffusion.diffusion.denoisers import Denoiser, cfg_denoiser, inpainting_denoiser, lcm_boundary_condition
 from nanodiffusion.diffusion.samplers import SAMPLERS, resolve_sampler
-from nanodiffusion.diffusion.sampling_plan import (
-    SchedulerSettings, check_sigma_schedule, final_latent, img2img_sigmas, initial_noise_scale,
-)
-from nanodiffusion.diffusion.schedules import check_num_steps
+from nanodiffusion.diffusion.sampling_plan import SchedulerSettings, final_latent, img2img_sigmas, initial_noise_scale
 from nanodiffusion.errors import UserError
-from nanodiffusion.images import image_grid, to_pil
+from nanodiffusion.images import to_pil
 from nanodiffusion.nets.vae_tiling import decode_sliced, decode_tiled
 from nanodiffusion.pipelines.img2img import ImageInput, prepare_images, prepare_mask
 from nanodiffusion.pipelines.prompts import count_chunks, encode_prompts
+from nanodiffusion.pipelines.request import (
+    OUTPUT_TYPES, GenerationRequest, TextToImageOutput, check_generation_defaults, read_generation_defaults,
+)
 from nanodiffusion.weights import file_pages, load_sd
 from nanodiffusion.weights.components import SD15_SCHEDULER, resolve_dtype
-
-__all__ = ["TextToImage", "GenerationRequest", "TextToImageOutput", "image_grid", "resolve_sampler"]
-
-BUILTIN_MODELS = {"builtin": Path(__file__).resolve().parent.parent / "builtin" / "text_to_image"}
-OUTPUT_TYPES = ("pil", "np", "latent")
-DEFAULT_SAMPLER = "pndm"                # diffusers' default for SD v1.x (our plms)
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """The settings of one generation: with the model and the dtype they decide the images exactly.
-
-    `nanodiffusion generate` stores it as JSON in each PNG, so that `--from` can replay it.
-    """
-
-    prompt: str | list[str]
-    negative_prompt: str | list[str] | None = None
-    num_steps: int = 50
-    guidance_scale: float = 7.5          # classifier-free guidance w; 1: none, 0: unconditional
-    seed: int | None = None              # None: a random seed, recorded in the output
-    height: int | None = None            # None: the init image's size, else the model's (512 for SD v1.x)
-    width: int | None = None
-    num_images_per_prompt: int = 1
-    sampler: str = DEFAULT_SAMPLER       # a key of SAMPLERS or an alias of one (diffusion/samplers.py)
-    sigma_schedule: str = "default"      # "default" (the scheduler's timesteps), "karras" or "exponential"
-    strength: float = 0.8                # img2img and inpainting only: the fraction of the steps run
-    clip_skip: int = 1                   # 2: the penultimate CLIP layer (A1111's "Clip skip")
-    emphasis: bool = True                # read A1111's (word:1.3) / [word] syntax in prompts
-
-    def __post_init__(self):
-        prompts = self.prompts
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise UserError("prompt must be a string or a non-empty list of strings")
-        negative = self.negative_prompt
-        if isinstance(negative, (list, tuple)) and len(negative) != len(prompts):
-            raise UserError(f"got {len(prompts)} prompts but {len(negative)} negative prompts: pass one "
-                            "negative prompt for all, or one per prompt")
-        check_num_steps(self.num_steps)
-        if not self.guidance_scale >= 0:
-            raise UserError(f"guidance scale must be >= 0, got {self.guidance_scale}")
-        for name in ("height", "width"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 8 or value % 8):
-                raise UserError(f"{name} must be a positive multiple of 8, got {value!r}")
-        if not isinstance(self.num_images_per_prompt, int) or self.num_images_per_prompt < 1:
-            raise UserError(f"num_images_per_prompt must be >= 1, got {self.num_images_per_prompt!r}")
-        resolve_sampler(self.sampler)
-        check_sigma_schedule(self.sigma_schedule)
-        if not 0 <= self.strength <= 1:
-            raise UserError(f"strength must be between 0 and 1, got {self.strength}")
-        if not isinstance(self.clip_skip, int) or self.clip_skip < 1:
-            raise UserError(f"clip_skip must be an integer >= 1, got {self.clip_skip!r}")
-
-    @property
-    def prompts(self) -> list[str]:
-        """The prompt(s) as a list."""
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
-
-    @property
-    def negative_prompts(self) -> list[str]:
-        """One negative prompt per prompt ("" when there is none)."""
-        negative = self.negative_prompt
-        if negative is None or isinstance(negative, str):
-            return [negative or ""] * len(self.prompts)
-        return list(negative)
-
-    def to_dict(self) -> dict:
-        """The fields as a JSON-ready dict."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "GenerationRequest":
-        """Inverse of `to_dict`; unknown keys are a UserError."""
-        unknown = set(data) - {field.name for field in fields(cls)}
-        if unknown:
-            raise UserError(f"unknown generation settings: {', '.join(sorted(unknown))}")
-        return cls(**data)
-
-
-@dataclass
-class TextToImageOutput:
-    """What a pipeline call returns: the images and the request as it ran."""
-
-    images: list | np.ndarray | torch.Tensor    # PIL images, (N, H, W, 3) floats in [0, 1], or latents
-    request: GenerationRequest                  # as run: seed, height and width filled in
-
-
-# A model folder may hold the generation settings its makers measured best for it (the built-in model's
-# guidance, sampler and steps); they replace GenerationRequest's SD defaults where a call gives none.
-# diffusers ignores the file.
-GENERATION_DEFAULTS_FILE = "generation_defaults.json"
-DEFAULTABLE_SETTINGS = ("num_steps", "guidance_scale", "sampler", "sigma_schedule")
-
-
-def read_generation_defaults(folder: str | Path) -> dict:
-    """The settings in `folder/generation_defaults.json` ({} when there is none); a UserError if malformed."""
-    path = Path(folder) / GENERATION_DEFAULTS_FILE
-    if not path.is_file():
-        return {}
-    try:
-        defaults = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise UserError(f"cannot read {path}: {error}") from error
-    return check_generation_defaults(defaults, str(path))
-
-
-def check_generation_defaults(defaults: dict, where: str = "generation defaults") -> dict:
-    if not isinstance(defaults, dict) or set(defaults) - set(DEFAULTABLE_SETTINGS):
-        raise UserError(f"{where}: expected a JSON object with keys among {', '.join(DEFAULTABLE_SETTINGS)}")
-    GenerationRequest("", **defaults)                   # the same checks as a request's
-    return dict(defaults)
+from nanodiffusion.weights.models import model_path
 
 
 class TextToImage:
@@ -182,30 +70,25 @@ class TextToImage:
     def from_pretrained(cls, path_or_repo: str | Path, *, dtype: torch.dtype | str = torch.float32,
                         device: str | torch.device = "cpu", tokenizer=None,
                         memory_format: torch.memory_format | None = None) -> "TextToImage":
-        """Load a diffusers folder, a single-file checkpoint or a Hugging Face repo id (`load_sd`). A single
-        file holds no tokenizer: an SD v1.x one gets CLIP's (`CLIPTokenizer.clip()`), others need `tokenizer=`
+        """Load a diffusers folder, a single-file checkpoint, a Hugging Face repo id or a built-in model name
+        ("builtin": `weights.models.model_path`). A single file holds no tokenizer: an SD v1.x one gets CLIP's (`CLIPTokenizer.clip()`), others need `tokenizer=`
         (`CLIPTokenizer.from_pretrained(folder)`).
 
         `memory_format` lays the UNet's and VAE's conv weights out (see `to`); None picks channels_last for
         bf16 on a CPU (measured faster there for both networks: benchmarks/README.md) and leaves the rest.
         """
-        if str(path_or_repo) in BUILTIN_MODELS:
-            path_or_repo = BUILTIN_MODELS[str(path_or_repo)]
-            if not path_or_repo.exists():
-                raise UserError("the built-in text-to-image model is not shipped yet: pass a diffusers "
-                                "folder, a checkpoint file or a Hugging Face repo id")
+        path = model_path(path_or_repo)
         if memory_format is None:
             on_cpu = torch.device(device).type == "cpu"
             memory_format = torch.channels_last if on_cpu and resolve_dtype(dtype) == torch.bfloat16 \
                 else torch.preserve_format
         # conv weights are laid out while loading: one copy each, even when the dtype changes too
-        parts = load_sd(path_or_repo, dtype=dtype, device=device, tokenizer=tokenizer,
+        parts = load_sd(path, dtype=dtype, device=device, tokenizer=tokenizer,
                         memory_format=memory_format)
         if parts.tokenizer is None:
             raise UserError(f"{path_or_repo} holds no tokenizer and its text encoder is not CLIP's (SD v1.x's): "
                             "pass tokenizer=CLIPTokenizer.from_pretrained(the model's tokenizer folder)")
-        folder = Path(path_or_repo) if Path(path_or_repo).is_dir() else None
-        defaults = read_generation_defaults(folder) if folder else {}
+        defaults = read_generation_defaults(path) if path.is_dir() else {}
         return cls(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.scheduler_config,
                    generation_defaults=defaults)
 
@@ -279,10 +162,8 @@ class TextToImage:
             if "num_steps" in settings:
                 raise UserError("pass num_steps or num_inference_steps, not both")
             settings["num_steps"] = num_inference_steps
-        unknown = set(settings) - {field.name for field in fields(GenerationRequest)}
-        if unknown:
-            raise UserError(f"unknown generation settings: {', '.join(sorted(unknown))}")
-        request = GenerationRequest(prompt, negative_prompt, **{**self.generation_defaults, **settings})
+        request = GenerationRequest.from_settings(prompt, negative_prompt,
+                                                  **{**self.generation_defaults, **settings})
         return self.generate(request, generator=generator, latents=latents, image=image,
                              mask_image=mask_image, output_type=output_type, callback=callback)
 

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from nanodiffusion import __version__
 from nanodiffusion.diffusion.samplers import SAMPLERS, resolve_sampler
 from nanodiffusion.diffusion.sampling_plan import SIGMA_SCHEDULES
-from nanodiffusion.pipelines.text_to_image import GenerationRequest
+from nanodiffusion.pipelines.request import GenerationRequest
 
 MAX_IMAGES_PER_BATCH = 4
 MAX_BATCHES = 4

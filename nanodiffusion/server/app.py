@@ -21,9 +21,10 @@ from fastapi.staticfiles import StaticFiles
 
 from nanodiffusion import __version__
 from nanodiffusion.errors import UserError
+from nanodiffusion.pipelines.metadata import ModelRecord
 from nanodiffusion.server import a1111
 from nanodiffusion.server.a1111 import Txt2ImgRequest
-from nanodiffusion.server.generation import ServedModel, run_job
+from nanodiffusion.server.generation import run_job
 from nanodiffusion.server.jobs import FAILED, Job, JobQueue, QueueFull
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -38,7 +39,7 @@ class AsciiJSONResponse(JSONResponse):
         return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
 
 
-def create_app(pipe, model: ServedModel, *, queue_size: int = 8,
+def create_app(pipe, model: ModelRecord, *, queue_size: int = 8,
                max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """The app serving `pipe` (a TextToImage, or anything with its `generate(request, callback=)`, `sigmas`
     and `native_size`); at most `queue_size` jobs wait besides the running one, more get 429."""
@@ -63,7 +64,7 @@ def create_app(pipe, model: ServedModel, *, queue_size: int = 8,
     return app
 
 
-def _add_a1111_routes(app: FastAPI, queue: JobQueue, pipe, model: ServedModel) -> None:
+def _add_a1111_routes(app: FastAPI, queue: JobQueue, pipe, model: ModelRecord) -> None:
     @app.post("/sdapi/v1/txt2img", tags=["a1111"])
     async def txt2img(body: Txt2ImgRequest):
         """Generate batch_size × n_iter images and wait for them; image k has seed + k."""
@@ -100,7 +101,7 @@ def _add_a1111_routes(app: FastAPI, queue: JobQueue, pipe, model: ServedModel) -
                  "samples_format": "png"})
 
 
-def _add_job_routes(app: FastAPI, queue: JobQueue, pipe, model: ServedModel) -> None:
+def _add_job_routes(app: FastAPI, queue: JobQueue, pipe, model: ModelRecord) -> None:
     @app.get("/api/info", tags=["jobs"])
     async def info():
         """The model, its native size, and the limits the page needs."""

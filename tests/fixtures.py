@@ -1,24 +1,32 @@
-"""Tiny random Stable Diffusion v1.x models for the pipeline tests: ours, and the same weights in diffusers.
+"""Test helpers shared by the suite: fake MNIST files, CLIP's tokenizer folder, tiny random Stable Diffusion
+networks (ours, and the same weights in diffusers for the parity tests). pytest fixtures are in conftest.py.
 
 `save_tiny_diffusers(folder)` writes a diffusers StableDiffusionPipeline folder (tiny UNet, VAE and CLIP text
 encoder with random weights, CLIP's real tokenizer, SD v1.5's scheduler config as published, no safety
 checker); `ours_from_diffusers(pipe)` builds our pipeline with the same weights, key for key.
 """
 
+import dataclasses
+import functools
 import gzip
 import json
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from nanodiffusion.data.idx import write_idx
 from nanodiffusion.nets.clip_text import TINY_TEXT, CLIPTextConfig, CLIPTextModel
 from nanodiffusion.nets.sd_unet import TINY_UNET, SDUNet, SDUNetConfig
 from nanodiffusion.nets.vae import TINY_VAE, AutoencoderKL, VAEConfig
 from nanodiffusion.pipelines.text_to_image import TextToImage
-from nanodiffusion.tokenizer import CLIP_BPE_FOLDER, CLIPTokenizer
+from nanodiffusion.tokenizer import CLIP_BPE_FOLDER, CLIPTokenizer, train_bpe
+from nanodiffusion.weights import SDComponents
 
-FIXTURES = CLIP_BPE_FOLDER                  # CLIP's BPE files, shipped with the package
+SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"      # real data, if present
+PROMPTS = ["a photo of a cat", "an astronaut riding a horse on the moon", "a watercolor painting of a fox"]
 # runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json as published (no timestep_spacing, so every
 # scheduler class swapped in with from_config uses its own default spacing)
 SD15_SCHEDULER_JSON = {
@@ -29,17 +37,50 @@ SD15_SCHEDULER_JSON = {
 }
 
 
+def make_fake_mnist(folder: Path, n: int = 64, size: int = 28, num_classes: int = 10, seed: int = 0) -> None:
+    """Write MNIST-format IDX files of learnable toy images: class k is a bright bar at row 2k+2."""
+    rng = np.random.default_rng(seed)
+    labels = (np.arange(n) % num_classes).astype(np.uint8)
+    images = rng.integers(0, 40, size=(n, size, size), dtype=np.uint8)
+    for i, k in enumerate(labels):
+        images[i, 2 * k + 2: 2 * k + 4, 4:size - 4] = 230
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix in ("train", "t10k"):
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
+
+
 def write_clip_tokenizer(folder: Path) -> Path:
-    """CLIP's real vocabulary as a transformers tokenizer folder (SD v1.x's `tokenizer/`)."""
+    """CLIP's real vocabulary (the BPE files shipped with the package) as SD v1.x's `tokenizer/` folder, its
+    special tokens written as transformers writes them."""
     folder.mkdir(parents=True, exist_ok=True)
     for name in ("vocab.json", "merges.txt"):
-        (folder / name).write_bytes(gzip.decompress((FIXTURES / f"{name}.gz").read_bytes()))
-    specials = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
-                "unk_token": "<|endoftext|>"}
+        (folder / name).write_bytes(gzip.decompress((CLIP_BPE_FOLDER / f"{name}.gz").read_bytes()))
+    token = {"lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
+    specials = {"bos_token": {"content": "<|startoftext|>", **token},
+                "eos_token": {"content": "<|endoftext|>", **token},
+                "pad_token": "<|endoftext|>",
+                "unk_token": {"content": "<|endoftext|>", **token}}
     (folder / "special_tokens_map.json").write_text(json.dumps(specials))
-    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True, **specials}
+    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
+              **{name: {"__type": "AddedToken", **value} if isinstance(value, dict) else value
+                 for name, value in specials.items()}}
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     return folder
+
+
+@functools.cache
+def tiny_tokenizer() -> CLIPTokenizer:
+    """A CLIP-style BPE with about 600 ids, trained on a few prompts (seconds, no download)."""
+    return train_bpe(PROMPTS * 20, vocab_size=600)
+
+
+def tiny_text_config(tokenizer: CLIPTokenizer | None = None) -> CLIPTextConfig:
+    """TINY_TEXT resized to the tiny tokenizer's vocabulary and special ids."""
+    tokenizer = tokenizer or tiny_tokenizer()
+    return dataclasses.replace(TINY_TEXT, vocab_size=tokenizer.vocab_size,
+                               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                               pad_token_id=tokenizer.pad_token_id)
 
 
 def randomize_(model: torch.nn.Module, seed: int, scale: float = 0.1) -> torch.nn.Module:
@@ -49,6 +90,26 @@ def randomize_(model: torch.nn.Module, seed: int, scale: float = 0.1) -> torch.n
         for parameter in model.parameters():
             parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
     return model.eval()
+
+
+def random_components(unet: SDUNetConfig = TINY_UNET, vae: VAEConfig = TINY_VAE,
+                      text: CLIPTextConfig | None = None, seed: int = 0) -> SDComponents:
+    """SDComponents of random networks with the tiny tokenizer."""
+    return SDComponents(unet=randomize_(SDUNet(unet), seed), vae=randomize_(AutoencoderKL(vae), seed + 1),
+                        text_encoder=randomize_(CLIPTextModel(text or tiny_text_config()), seed + 2),
+                        tokenizer=tiny_tokenizer())
+
+
+def assert_same_weights(a: SDComponents, b: SDComponents) -> None:
+    """Same configs, keys, dtypes and values in all three networks."""
+    for name, network in a.networks().items():
+        other = b.networks()[name]
+        assert network.config == other.config, name
+        first, second = network.state_dict(), other.state_dict()
+        assert first.keys() == second.keys(), name
+        for key in first:
+            assert first[key].dtype == second[key].dtype, f"{name}.{key}"
+            assert torch.equal(first[key], second[key]), f"{name}.{key}"
 
 
 def tiny_diffusers_pipeline(tmp_folder: Path, seed: int = 0):
@@ -92,7 +153,6 @@ def ours_from_diffusers(pipe, tokenizer_folder: Path | None = None) -> TextToIma
 
 def _clip_tokenizer(folder: Path | None) -> CLIPTokenizer:
     if folder is None:
-        import tempfile
         folder = write_clip_tokenizer(Path(tempfile.mkdtemp()) / "tokenizer")
     return CLIPTokenizer.from_pretrained(folder)
 
