@@ -172,7 +172,7 @@ def test_convert_cli_half_precision_and_errors(tmp_path, capsys):
         ([str(tmp_path / "one.safetensors"), str(tmp_path / "folder")], "no tokenizer"),
         ([str(tmp_path / "one.safetensors"), str(tmp_path / "x.safetensors"), "--to", "diffusers"],
          "disagrees"),
-        ([str(tmp_path / "missing.safetensors"), str(tmp_path / "y.safetensors")], "no such file"),
+        ([str(tmp_path / "missing.safetensors"), str(tmp_path / "y.safetensors")], "no such model file"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             main(["convert", *argv])
