@@ -16,8 +16,9 @@ from typing import NamedTuple
 import torch
 
 from nanodiffusion.diffusion.schedules import (
-    alphas_cumprod_to_sigmas, check_num_steps, get_sigmas_exponential, get_sigmas_karras, get_timesteps,
-    t_to_sigma,
+    AYS_SD15_SIGMAS, alphas_cumprod_to_sigmas, check_num_steps, get_sigmas_align_your_steps, get_sigmas_beta,
+    get_sigmas_ddim_uniform, get_sigmas_exponential, get_sigmas_karras, get_sigmas_normal, get_sigmas_simple,
+    get_timesteps, t_to_sigma,
 )
 from nanodiffusion.errors import UserError
 
@@ -35,7 +36,8 @@ class Grid(NamedTuple):
 #                interpolated linearly in sigma; Karras/exponential grids span the spaced grid's ends.
 #   "multistep": DPMSolverMultistep/UniPCMultistepScheduler: n+1 spaced integer timesteps less the last
 #                (t = 0 for linspace); Karras/exponential grids span the whole table.
-#   "lcm":       LCMScheduler: n of the `original_steps` timesteps it was distilled on; no spacing option.
+#   "lcm":       LCM/TCDScheduler: n of the `original_steps` timesteps it was distilled on; no spacing option.
+# Samplers diffusers lacks take the family of the scheduler class closest to theirs.
 GRIDS = {
     "ddpm": Grid("discrete", "leading", "zero"),
     "ddim": Grid("discrete", "leading", "sigma_min"),
@@ -50,8 +52,36 @@ GRIDS = {
     "dpmpp_2m_sde": Grid("multistep", "linspace", "zero"),
     "unipc": Grid("multistep", "linspace", "zero"),
     "lcm": Grid("lcm", None, "zero"),
+    "dpmpp_2s_ancestral": Grid("k", "linspace", "zero"),
+    "dpmpp_sde": Grid("k", "linspace", "zero"),                  # DPMSolverSDEScheduler
+    "dpmpp_2m_sde_heun": Grid("multistep", "linspace", "zero"),    # DPMSolverMultistep, solver_type heun
+    "dpmpp_3m_sde": Grid("multistep", "linspace", "zero"),         # DPMSolverMultistep, solver_order 3
+    "restart": Grid("k", "linspace", "zero"),
+    "tcd": Grid("lcm", None, "sigma_min"),                          # TCDScheduler ends at ᾱ_0
 }
-SIGMA_SCHEDULES = ("default", "karras", "exponential")
+
+
+def _beta(n: int, table: torch.Tensor) -> torch.Tensor:
+    return get_sigmas_beta(n, float(table[0]), float(table[-1]))
+
+
+def _align_your_steps(n: int, table: torch.Tensor) -> torch.Tensor:
+    """AYS's published sigmas are rounded to 3 decimals and only fit SD v1.x's schedule (0.0292 to 14.61)."""
+    sigma_min, sigma_max = float(table[0]), float(table[-1])
+    if abs(AYS_SD15_SIGMAS[0] - sigma_max) > 1e-3 or abs(AYS_SD15_SIGMAS[-1] - sigma_min) > 1e-3:
+        raise UserError(f"align_your_steps has sigmas for SD v1.x's noise schedule ({AYS_SD15_SIGMAS[-1]} to "
+                        f"{AYS_SD15_SIGMAS[0]}); this model's runs from {sigma_min:.4g} to {sigma_max:.4g}")
+    return get_sigmas_align_your_steps(n)
+
+
+# A1111's schedules (in schedules.py): sigmas over the whole table whatever the sampler, num_steps + 1 with 0
+TABLE_SCHEDULES = {
+    "uniform": get_sigmas_normal, "normal": get_sigmas_normal,
+    "sgm_uniform": lambda n, table: get_sigmas_normal(n, table, sgm=True),
+    "simple": get_sigmas_simple, "ddim": get_sigmas_ddim_uniform, "beta": _beta,
+    "align_your_steps": _align_your_steps,
+}
+SIGMA_SCHEDULES = ("default", "karras", "exponential", *TABLE_SCHEDULES)
 FINAL_SIGMAS = ("zero", "sigma_min")
 
 
@@ -97,8 +127,9 @@ def make_sigmas(sampler: str, num_steps: int, alphas_cumprod: torch.Tensor, *,
     """Return the float64 sigma grid (num_steps + 1 values, decreasing) on which `sampler` retraces diffusers.
 
     `sigma_schedule`: "default" (the spaced timesteps), "karras" (Karras et al. 2022, eq. 5) or "exponential",
-    as diffusers' use_karras_sigmas / use_exponential_sigmas; `spacing`: timestep_spacing "leading",
-    "trailing" or "linspace" (None: the scheduler's default); `final_sigma`: "zero" or "sigma_min".
+    as diffusers' use_karras_sigmas / use_exponential_sigmas, or one of A1111's TABLE_SCHEDULES; `spacing`:
+    timestep_spacing "leading", "trailing" or "linspace" (None: the scheduler's default; LCM and TCD take
+    none); `final_sigma`: "zero" or "sigma_min".
     """
     family, default_spacing, default_final = _grid(sampler)
     if sigma_schedule not in SIGMA_SCHEDULES:
@@ -106,24 +137,31 @@ def make_sigmas(sampler: str, num_steps: int, alphas_cumprod: torch.Tensor, *,
     final_sigma = final_sigma or default_final
     if final_sigma not in FINAL_SIGMAS:
         raise UserError(f"unknown final sigma {final_sigma!r}; valid: {', '.join(FINAL_SIGMAS)}")
+    if family == "lcm" and spacing is not None:
+        raise UserError(f"{sampler} walks its own distillation timesteps: leave spacing unset")
     table = alphas_cumprod_to_sigmas(alphas_cumprod.double())                          # (T,) increasing
     T = len(table)
     check_num_steps(num_steps, T)
-    if family == "lcm":
-        if spacing is not None or sigma_schedule != "default":
-            raise UserError("lcm walks its own distillation timesteps: leave spacing and sigma_schedule "
-                            "unset")
-        t = _lcm_timesteps(num_steps, T, original_steps)
+    if sigma_schedule in TABLE_SCHEDULES:
+        sigmas = TABLE_SCHEDULES[sigma_schedule](num_steps, table)[:-1]
     else:
-        t = _spaced_timesteps(family, num_steps, T, spacing or default_spacing, steps_offset)
-    sigmas = t_to_sigma(t, table, interpolation="linear")                             # (num_steps,)
-    if sigma_schedule != "default":
+        if family == "lcm":
+            t = _lcm_timesteps(num_steps, T, original_steps)
+        else:
+            t = _spaced_timesteps(family, num_steps, T, spacing or default_spacing, steps_offset)
+        sigmas = t_to_sigma(t, table, interpolation="linear")                         # (num_steps,)
+    if sigma_schedule in ("karras", "exponential"):
         # diffusers' k-schedulers stretch the new grid over the spaced one, the multistep ones over the table
-        low, high = (table[0], table[-1]) if family == "multistep" else (sigmas[-1], sigmas[0])
+        low, high = (table[0], table[-1]) if family in ("multistep", "lcm") else (sigmas[-1], sigmas[0])
         grid = get_sigmas_karras if sigma_schedule == "karras" else get_sigmas_exponential
         sigmas = grid(num_steps, float(low), float(high))[:-1]
     last = table[:1] if final_sigma == "sigma_min" else table.new_zeros(1)
     return torch.cat([sigmas, last])
+
+
+def uses_spacing(sampler: str) -> bool:
+    """False for samplers that walk their own timesteps (LCM, TCD): a model's spacing is not theirs."""
+    return _grid(sampler).family != "lcm"
 
 
 def _holds_vp(sampler: str) -> bool:

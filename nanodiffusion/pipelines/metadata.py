@@ -29,8 +29,12 @@ A1111_SAMPLER_NAMES = {             # our sampler name -> A1111's label
     "ddpm": "DDPM", "ddim": "DDIM", "plms": "PLMS", "lms": "LMS", "euler": "Euler",
     "euler_ancestral": "Euler a", "heun": "Heun", "dpm_2": "DPM2", "dpm_2_ancestral": "DPM2 a",
     "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_sde": "DPM++ 2M SDE", "unipc": "UniPC", "lcm": "LCM",
+    "dpmpp_2s_ancestral": "DPM++ 2S a", "dpmpp_sde": "DPM++ SDE", "dpmpp_2m_sde_heun": "DPM++ 2M SDE Heun",
+    "dpmpp_3m_sde": "DPM++ 3M SDE", "restart": "Restart", "tcd": "TCD",
 }
-A1111_SCHEDULE_NAMES = {"karras": "Karras", "exponential": "Exponential"}
+A1111_SCHEDULE_NAMES = {"karras": "Karras", "exponential": "Exponential", "sgm_uniform": "SGM Uniform",
+                        "uniform": "Uniform", "simple": "Simple", "normal": "Normal", "ddim": "DDIM",
+                        "beta": "Beta", "align_your_steps": "Align Your Steps"}
 
 
 def a1111_parameters(request, sampler: str, model_name: str | None, model_hash: str | None) -> str:

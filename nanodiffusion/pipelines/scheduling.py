@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from nanodiffusion.diffusion.samplers import SAMPLERS
-from nanodiffusion.diffusion.sampling_plan import make_sigmas
+from nanodiffusion.diffusion.sampling_plan import make_sigmas, uses_spacing
 from nanodiffusion.diffusion.schedules import ScheduleConfig, get_alphas_cumprod
 from nanodiffusion.errors import UserError
 from nanodiffusion.pipelines.metadata import A1111_SAMPLER_NAMES
@@ -27,6 +27,10 @@ SAMPLER_ALIASES = {
     "HeunDiscreteScheduler": "heun", "KDPM2DiscreteScheduler": "dpm_2",
     "KDPM2AncestralDiscreteScheduler": "dpm_2_ancestral", "DPMSolverMultistepScheduler": "dpmpp_2m",
     "UniPCMultistepScheduler": "unipc", "LCMScheduler": "lcm",
+    "k_dpmpp_2s_a": "dpmpp_2s_ancestral", "k_dpmpp_sde": "dpmpp_sde", "k_dpmpp_3m_sde": "dpmpp_3m_sde",
+    "k_dpmpp_2m_sde_heun": "dpmpp_2m_sde_heun", "dpm++_2s_a": "dpmpp_2s_ancestral", "dpm++_sde": "dpmpp_sde",
+    "dpm++_3m_sde": "dpmpp_3m_sde", "dpmpp_sde_gpu": "dpmpp_sde", "dpmpp_2m_sde_gpu": "dpmpp_2m_sde",
+    "dpmpp_3m_sde_gpu": "dpmpp_3m_sde", "DPMSolverSDEScheduler": "dpmpp_sde", "TCDScheduler": "tcd",
     **{label: name for name, label in A1111_SAMPLER_NAMES.items()},
 }
 BETA_SCHEDULES = {"scaled_linear": "scaled_linear", "linear": "linear", "squaredcos_cap_v2": "cosine"}
@@ -73,5 +77,6 @@ class SchedulerSettings:
         """The float64 sigma grid on which `sampler` retraces its diffusers scheduler under these settings."""
         sampler = resolve_sampler(sampler)
         final = "zero" if sampler in ("ddim", "plms") and self.set_alpha_to_one else None
+        spacing = self.spacing if uses_spacing(sampler) else None     # LCM/TCD ignore the folder's spacing
         return make_sigmas(sampler, num_steps, self.alphas_cumprod, sigma_schedule=sigma_schedule,
-                           spacing=self.spacing, steps_offset=self.steps_offset, final_sigma=final)
+                           spacing=spacing, steps_offset=self.steps_offset, final_sigma=final)

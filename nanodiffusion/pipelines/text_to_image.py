@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from nanodiffusion.diffusion.denoisers import Denoiser
 from nanodiffusion.diffusion.editing import img2img_sigmas, inpainting_denoiser
 from nanodiffusion.diffusion.guidance import cfg_denoiser
+from nanodiffusion.diffusion.sampler_options import schedule_inputs
 from nanodiffusion.diffusion.samplers import SAMPLERS, lcm_boundary_condition
 from nanodiffusion.diffusion.sampling_plan import SIGMA_SCHEDULES, final_latent, initial_noise_scale
 from nanodiffusion.diffusion.schedules import check_num_steps
@@ -404,7 +405,8 @@ class TextToImage:
             if callback is not None:
                 callback(i, x_i, denoised)
 
-        x = SAMPLERS[sampler](model, x, sigmas, generator=generator, callback=step)
+        inputs = schedule_inputs(SAMPLERS[sampler], self.schedule.alphas_cumprod)    # TCD reads timesteps
+        x = SAMPLERS[sampler](model, x, sigmas, generator=generator, callback=step, **inputs)
         bar.close()
         return x
 
