@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from nanodiffusion.diffusion.denoisers import Denoiser
 from nanodiffusion.diffusion.guidance import cfg_denoiser
+from nanodiffusion.diffusion.sampler_options import schedule_inputs
 from nanodiffusion.diffusion.samplers import get_sampler
 from nanodiffusion.diffusion.schedules import (
     ScheduleConfig, check_num_steps, get_alphas_cumprod, get_sigmas_from_timesteps, get_timesteps,
@@ -123,6 +124,7 @@ class DDPMPipeline:
                 frames.append((x_i / (1 + sigmas[i + 1] ** 2).sqrt()).clamp(-1, 1))
 
         options = {"generator": generator} if "generator" in inspect.signature(sample_fn).parameters else {}
+        options |= schedule_inputs(sample_fn, get_alphas_cumprod(self.schedule))        # TCD reads timesteps
         x = sample_fn(model, x, sigmas, callback=callback, **options, **sampler_options)
         bar.close()
         return SampleResult(x.clamp(-1, 1), class_labels, frames)
