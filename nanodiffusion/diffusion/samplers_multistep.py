@@ -1,8 +1,9 @@
-"""Multistep samplers: each step reuses denoiser outputs from earlier steps (LMS, PLMS, DPM-Solver++, UniPC).
+"""Multistep samplers: each step reuses denoiser outputs from earlier steps (LMS, PLMS, UniPC; DPM-Solver++
+is in samplers_dpmpp).
 
 Same conventions as samplers_onestep: x = x0 + sigma·eps, `model(x, sigma)` returns the clean estimate and
-`callback(i, x, denoised)` runs after step i. The exponential integrators (DPM-Solver++, UniPC) step in
-lambda = -log sigma, half the log signal-to-noise ratio (Lu et al. 2022).
+`callback(i, x, denoised)` runs after step i. UniPC, an exponential integrator, steps in lambda = -log sigma,
+half the log signal-to-noise ratio (Lu et al. 2022).
 """
 
 import math
@@ -10,7 +11,7 @@ import math
 import numpy as np
 import torch
 
-from nanodiffusion.diffusion.samplers_onestep import noise_like, report_step, sigma_steps
+from nanodiffusion.diffusion.samplers_onestep import report_step, sigma_steps
 from nanodiffusion.errors import UserError
 
 # Adams-Bashforth weights for equal steps, newest value first (PLMS of Liu et al. 2022 uses all four)
@@ -74,56 +75,6 @@ def sample_plms(model, x, sigmas, *, generator=None, callback=None):
             weights = ADAMS_BASHFORTH[len(eps_history)]
             eps_step = sum(w * e for w, e in zip(weights, reversed(eps_history)))
         x = x + eps_step * (sigma_next - sigma)
-        report_step(callback, i, x, denoised)
-    return x
-
-
-@torch.no_grad()
-def sample_dpmpp_2m(model, x, sigmas, *, generator=None, callback=None):
-    """DPM-Solver++(2M): multistep 2nd-order solver in lambda = -log sigma (Lu et al. 2022b, Algorithm 2)."""
-    old_denoised, h_last = None, None
-    for i, sigma, sigma_next in sigma_steps(sigmas):
-        denoised = model(x, sigma)
-        if sigma_next == 0:                                        # the exact solution at sigma = 0
-            x = denoised
-        else:
-            h = math.log(sigma / sigma_next)
-            d = denoised
-            if old_denoised is not None:                           # 2nd-order correction from the last step
-                r = h_last / h
-                d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
-            x = (sigma_next / sigma) * x - math.expm1(-h) * d
-            h_last = h
-        old_denoised = denoised
-        report_step(callback, i, x, denoised)
-    return x
-
-
-@torch.no_grad()
-def sample_dpmpp_2m_sde(model, x, sigmas, *, eta=1.0, generator=None, callback=None):
-    """DPM-Solver++(2M) on the reverse SDE (Lu et al. 2022b, "SDE-DPM-Solver++"; k-diffusion's midpoint form).
-
-    Per step h in lambda = -log sigma, x contracts by an extra e^{-eta·h} and fresh noise of std
-    sigma'·sqrt(1 - e^{-2·eta·h}) is added; eta = 0 is DPM-Solver++(2M). Noise is drawn in float32 as in
-    diffusers.
-    """
-    old_denoised, h_last = None, None
-    for i, sigma, sigma_next in sigma_steps(sigmas):
-        denoised = model(x, sigma)
-        if sigma_next == 0:
-            x = denoised
-        else:
-            h = math.log(sigma / sigma_next)
-            h_eta = h * (1 + eta)
-            x = (sigma_next / sigma) * math.exp(-eta * h) * x - math.expm1(-h_eta) * denoised
-            if old_denoised is not None:
-                r = h_last / h
-                x = x - 0.5 * math.expm1(-h_eta) / r * (denoised - old_denoised)
-            if eta > 0:
-                std = sigma_next * math.sqrt(-math.expm1(-2 * eta * h))
-                x = x + noise_like(x, generator, dtype=torch.float32) * std
-            h_last = h
-        old_denoised = denoised
         report_step(callback, i, x, denoised)
     return x
 

@@ -7,6 +7,7 @@ import torch
 from tqdm.auto import tqdm
 
 from nanodiffusion.diffusion.denoisers import Denoiser, cfg_denoiser
+from nanodiffusion.diffusion.sampler_options import schedule_inputs
 from nanodiffusion.diffusion.samplers import SAMPLERS, resolve_sampler
 from nanodiffusion.diffusion.sampling_plan import SchedulerSettings, final_latent, initial_noise_scale
 from nanodiffusion.diffusion.schedules import ScheduleConfig, check_num_steps
@@ -118,7 +119,8 @@ class DDPMPipeline:
             if i in record:
                 frames.append(_vp(x_i, sigmas[i + 1]).clamp(-1, 1))
 
-        x = SAMPLERS[sampler].function(model, x, sigmas, generator=generator, callback=callback,
+        inputs = schedule_inputs(SAMPLERS[sampler].function, self.scheduler.alphas_cumprod)  # TCD's timesteps
+        x = SAMPLERS[sampler].function(model, x, sigmas, generator=generator, callback=callback, **inputs,
                                        **sampler_options)
         bar.close()
         x = final_latent(sampler, x, sigmas)

@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from nanodiffusion.diffusion.denoisers import Denoiser, cfg_denoiser, inpainting_denoiser, lcm_boundary_condition
+from nanodiffusion.diffusion.sampler_options import schedule_inputs
 from nanodiffusion.diffusion.samplers import SAMPLERS, resolve_sampler
 from nanodiffusion.diffusion.sampling_plan import SchedulerSettings, final_latent, img2img_sigmas, initial_noise_scale
 from nanodiffusion.errors import UserError
@@ -283,7 +284,8 @@ class TextToImage:
             if callback is not None:
                 callback(i, x_i, denoised)
 
-        x = SAMPLERS[sampler].function(model, x, sigmas, generator=generator, callback=step)
+        inputs = schedule_inputs(SAMPLERS[sampler].function, self.schedule.alphas_cumprod)  # TCD's timesteps
+        x = SAMPLERS[sampler].function(model, x, sigmas, generator=generator, callback=step, **inputs)
         bar.close()
         return x
 
