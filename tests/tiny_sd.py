@@ -51,18 +51,20 @@ def randomize_(model: torch.nn.Module, seed: int, scale: float = 0.1) -> torch.n
     return model.eval()
 
 
-def tiny_diffusers_pipeline(tmp_folder: Path, seed: int = 0):
-    """A diffusers StableDiffusionPipeline with tiny random networks (fp32, CPU)."""
+def tiny_diffusers_pipeline(tmp_folder: Path, seed: int = 0, *, unet_config: SDUNetConfig = TINY_UNET,
+                            vae_config: VAEConfig = TINY_VAE, text_config: CLIPTextConfig = TINY_TEXT,
+                            write_tokenizer=write_clip_tokenizer, scheduler_config: dict = SD15_SCHEDULER_JSON):
+    """A diffusers StableDiffusionPipeline with tiny random networks (fp32, CPU); SD v1.x's by default."""
     diffusers = pytest.importorskip("diffusers")
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
-    unet = randomize_(diffusers.UNet2DConditionModel.from_config(TINY_UNET.to_diffusers_config()), seed)
-    vae = randomize_(diffusers.AutoencoderKL.from_config(TINY_VAE.to_diffusers_config()), seed + 1)
-    text_config = transformers.CLIPTextConfig(**TINY_TEXT.to_transformers_config(),
+    unet = randomize_(diffusers.UNet2DConditionModel.from_config(unet_config.to_diffusers_config()), seed)
+    vae = randomize_(diffusers.AutoencoderKL.from_config(vae_config.to_diffusers_config()), seed + 1)
+    text_config = transformers.CLIPTextConfig(**text_config.to_transformers_config(),
                                               attn_implementation="eager")
     text_encoder = randomize_(transformers.CLIPTextModel(text_config), seed + 2)
-    tokenizer = transformers.CLIPTokenizer.from_pretrained(write_clip_tokenizer(tmp_folder / "clip"))
-    scheduler = diffusers.PNDMScheduler.from_config(SD15_SCHEDULER_JSON)
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(write_tokenizer(tmp_folder / "clip"))
+    scheduler = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
     return diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                                              unet=unet, scheduler=scheduler, safety_checker=None,
                                              feature_extractor=None, requires_safety_checker=False)
