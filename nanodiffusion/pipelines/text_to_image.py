@@ -30,8 +30,9 @@ from nanodiffusion.nets.vae_tiling import decode_sliced, decode_tiled
 from nanodiffusion.pipelines.img2img import ImageInput, prepare_images, prepare_mask
 from nanodiffusion.pipelines.prompts import count_chunks, encode_prompts
 from nanodiffusion.pipelines.scheduling import DEFAULT_SAMPLER, SchedulerSettings, resolve_sampler
-from nanodiffusion.weights import file_pages, load_sd
+from nanodiffusion.weights import file_pages, load_sd, load_vae
 from nanodiffusion.weights.components import SD15_SCHEDULER, resolve_dtype
+from nanodiffusion.weights.families import FAMILY_DEFAULTS, detect_family
 
 __all__ = ["TextToImage", "GenerationRequest", "TextToImageOutput", "image_grid", "resolve_sampler"]
 
@@ -49,7 +50,7 @@ class GenerationRequest:
     prompt: str | list[str]
     negative_prompt: str | list[str] | None = None
     num_steps: int = 50
-    guidance_scale: float = 7.5          # classifier-free guidance w; 1: none, 0: unconditional
+    guidance_scale: float = 7.5          # classifier-free guidance w; <= 1: none (as diffusers)
     seed: int | None = None              # None: a random seed, recorded in the output
     height: int | None = None            # None: the init image's size, else the model's (512 for SD v1.x)
     width: int | None = None
@@ -183,10 +184,11 @@ class TextToImage:
     @classmethod
     def from_pretrained(cls, path_or_repo: str | Path, *, dtype: torch.dtype | str = torch.float32,
                         device: str | torch.device = "cpu", tokenizer=None,
-                        memory_format: torch.memory_format | None = None) -> "TextToImage":
+                        memory_format: torch.memory_format | None = None, vae=None) -> "TextToImage":
         """Load a diffusers folder, a single-file checkpoint or a Hugging Face repo id (`load_sd`). A single
         file holds no tokenizer: an SD v1.x one gets CLIP's (`CLIPTokenizer.clip()`), others need `tokenizer=`
-        (`CLIPTokenizer.from_pretrained(folder)`).
+        (`CLIPTokenizer.from_pretrained(folder)`). `vae` replaces the model's autoencoder: a module or an
+        autoencoder folder (`weights.load_vae`: TAESD's AutoencoderTiny, or an AutoencoderKL).
 
         `memory_format` lays the UNet's and VAE's conv weights out (see `to`); None picks channels_last for
         bf16 on a CPU (measured faster there for both networks: benchmarks/README.md) and leaves the rest.
@@ -206,8 +208,13 @@ class TextToImage:
         if parts.tokenizer is None:
             raise UserError(f"{path_or_repo} holds no tokenizer and its text encoder is not CLIP's (SD v1.x's): "
                             "pass tokenizer=CLIPTokenizer.from_pretrained(the model's tokenizer folder)")
+        if vae is not None:
+            parts.vae = vae if isinstance(vae, torch.nn.Module) else load_vae(
+                vae, dtype=dtype, device=device, memory_format=memory_format)
         folder = Path(path_or_repo) if Path(path_or_repo).is_dir() else None
-        defaults = read_generation_defaults(folder) if folder else {}
+        # the model family's settings (SD-Turbo: 1 step, no guidance), then the folder's own file
+        defaults = {**FAMILY_DEFAULTS[detect_family(parts.text_encoder.config, parts.scheduler_config)],
+                    **(read_generation_defaults(folder) if folder else {})}
         return cls(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.scheduler_config,
                    generation_defaults=defaults)
 
@@ -360,14 +367,14 @@ class TextToImage:
 
     def _guided_denoiser(self, request: GenerationRequest):
         """D(x, sigma) for the whole batch: each prompt repeated per image, classifier-free guidance as one
-        batched UNet call (none at guidance 1)."""
-        guided = request.guidance_scale != 1
+        batched UNet call; none at guidance <= 1 (diffusers' rule, so SD-Turbo's guidance 0 is one call)."""
+        guided = request.guidance_scale > 1
         cond, uncond = self.encode_prompt(request.prompts, request.negative_prompts if guided else None,
                                           clip_skip=request.clip_skip, emphasis=request.emphasis)
         n = request.num_images_per_prompt
         cond = {"context": cond.repeat_interleave(n, dim=0)}                     # (N, 77·K, D)
         uncond = {"context": uncond.repeat_interleave(n, dim=0)} if guided else None
-        model = cfg_denoiser(self.denoiser, cond, uncond, request.guidance_scale)
+        model = cfg_denoiser(self.denoiser, cond, uncond, request.guidance_scale if guided else 1.0)
         if resolve_sampler(request.sampler) == "lcm":
             model = lcm_boundary_condition(model, self.schedule.alphas_cumprod)
         return model
@@ -390,9 +397,13 @@ class TextToImage:
         """Scaled latents of the init images, one posterior draw each, repeated for each output image."""
         vae_dtype = next(self.vae.parameters()).dtype
         posterior = self.vae.encode(images.to(self.device, vae_dtype))
-        # posterior.sample(generator) would draw on the VAE's device; we draw on the generator's (portable)
-        draw = torch.randn(posterior.mean.shape, generator=generator, device=generator.device)
-        latents = (posterior.mean + posterior.std * draw.to(self.device, vae_dtype)).float()
+        if isinstance(posterior, torch.Tensor):            # TAESD's encoder is deterministic: no draw
+            latents = posterior.float()
+        else:
+            # posterior.sample(generator) would draw on the VAE's device; we draw on the generator's
+            # (portable)
+            draw = torch.randn(posterior.mean.shape, generator=generator, device=generator.device)
+            latents = (posterior.mean + posterior.std * draw.to(self.device, vae_dtype)).float()
         latents = latents * self.vae.config.scaling_factor
         return latents.repeat_interleave(self._latent_shape(request)[0] // len(latents), dim=0)
 
@@ -404,7 +415,9 @@ class TextToImage:
             if callback is not None:
                 callback(i, x_i, denoised)
 
-        x = SAMPLERS[sampler](model, x, sigmas, generator=generator, callback=step)
+        # PLMS extrapolates the network's own output (diffusers' PNDMScheduler): it must know which
+        options = {"prediction": self.schedule.prediction} if sampler == "plms" else {}
+        x = SAMPLERS[sampler](model, x, sigmas, generator=generator, callback=step, **options)
         bar.close()
         return x
 
