@@ -136,12 +136,13 @@ class CLIPTokenizer:
         return cls(vocab, merges, model_max_length=model_max_length, **special_tokens)
 
     @classmethod
-    def clip(cls) -> "CLIPTokenizer":
+    def clip(cls, **special_tokens: str) -> "CLIPTokenizer":
         """OpenAI CLIP's own BPE tokenizer (49408 ids, 77 tokens): Stable Diffusion v1.x's, shipped with the
-        package (`builtin/clip_bpe/`, MIT-licensed), so a checkpoint that holds none still has it."""
+        package (`builtin/clip_bpe/`, MIT-licensed), so a checkpoint that holds none still has it.
+        `special_tokens` replace CLIP's (SD 2.x pads with pad_token="!", as open_clip)."""
         vocab = json.loads(gzip.decompress((CLIP_BPE_FOLDER / "vocab.json.gz").read_bytes()))
         text = gzip.decompress((CLIP_BPE_FOLDER / "merges.txt.gz").read_bytes()).decode("utf-8")
-        return cls(vocab, _parse_merges(text, "merges.txt.gz"))
+        return cls(vocab, _parse_merges(text, "merges.txt.gz"), **special_tokens)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> "CLIPTokenizer":

@@ -13,7 +13,7 @@ import torch
 from nanodiffusion.errors import UserError
 
 NOISE_OPTIONS = ("eta", "s_noise", "s_churn", "s_tmin", "s_tmax")
-RUN_INPUTS = ("generator", "callback", "noise_sampler", "alphas_cumprod")
+RUN_INPUTS = ("generator", "callback", "noise_sampler", "alphas_cumprod", "prediction")
 
 
 def accepted_options(sampler: Callable) -> dict[str, object]:
@@ -30,7 +30,9 @@ def check_options(name: str, sampler: Callable, options: dict) -> None:
         raise UserError(f"sampler {name!r} takes no option {', '.join(unknown)}; its options: {valid}")
 
 
-def schedule_inputs(sampler: Callable, alphas_cumprod: torch.Tensor) -> dict:
-    """The keyword arguments `sampler` needs from the model's noise schedule ({} but for TCD's timesteps)."""
+def schedule_inputs(sampler: Callable, alphas_cumprod: torch.Tensor, prediction: str = "epsilon") -> dict:
+    """The keyword arguments `sampler` needs from the model's noise schedule and prediction type: {} but for
+    TCD's timesteps (`alphas_cumprod`) and PLMS's `prediction` (it extrapolates the network's raw output)."""
     takes = inspect.signature(sampler).parameters
-    return {"alphas_cumprod": alphas_cumprod} if "alphas_cumprod" in takes else {}
+    inputs = {"alphas_cumprod": alphas_cumprod, "prediction": prediction}
+    return {name: value for name, value in inputs.items() if name in takes}

@@ -55,26 +55,51 @@ def sample_lms(model, x, sigmas, *, order=4, generator=None, callback=None):
     return x
 
 
+def _eps_from_denoised(x, sigma, denoised):
+    return (x - denoised) / sigma
+
+
+def _v_from_denoised(x, sigma, denoised):
+    # v = sqrt(ᾱ)·eps - sqrt(1-ᾱ)·x0 with sqrt(ᾱ) = 1/sqrt(1+sigma²) and eps = (x - x0)/sigma
+    return (x / (1 + sigma**2) - denoised) * math.sqrt(1 + sigma**2) / sigma
+
+
+def _eps_from_v(x, sigma, v):
+    # eps = sqrt(ᾱ)·v + sqrt(1-ᾱ)·x_vp, with x_vp = x / sqrt(1+sigma²) (Salimans & Ho 2022, §4)
+    return (v + sigma * x / math.sqrt(1 + sigma**2)) / math.sqrt(1 + sigma**2)
+
+
+# What PLMS extrapolates, by the network's prediction type: (output from D, eps from output). x0-models
+# extrapolate eps too (diffusers' PNDMScheduler takes none).
+_EPS = (_eps_from_denoised, lambda x, sigma, eps: eps)
+PLMS_OUTPUTS = {"epsilon": _EPS, "sample": _EPS, "v_prediction": (_v_from_denoised, _eps_from_v)}
+
+
 @torch.no_grad()
-def sample_plms(model, x, sigmas, *, generator=None, callback=None):
+def sample_plms(model, x, sigmas, *, generator=None, callback=None, prediction="epsilon"):
     """Pseudo linear multistep (PLMS, Liu et al. 2022, §3), as SD's PNDMScheduler(skip_prk_steps=True).
 
     Adams-Bashforth with equal-step weights on eps = dx/dsigma; the paper's transfer part is the DDIM step,
     which in x = x0 + sigma·eps is x + (sigma' - sigma)·eps. Instead of the paper's Runge-Kutta start, the
     first step is CompVis' pseudo improved Euler (a Heun step in eps); later steps use up to 4 past eps.
+    `prediction="v_prediction"` extrapolates v instead, read as eps at the current x only after the
+    combination: what diffusers' PNDMScheduler does with a v-model's raw outputs (not the same steps).
     """
-    eps_history = []
+    if prediction not in PLMS_OUTPUTS:
+        raise UserError(f"unknown prediction {prediction!r}; valid: {', '.join(PLMS_OUTPUTS)}")
+    output_of, eps_of = PLMS_OUTPUTS[prediction]
+    history = []
     for i, sigma, sigma_next in sigma_steps(sigmas):
         denoised = model(x, sigma)
-        eps = (x - denoised) / sigma
-        eps_history = (eps_history + [eps])[-4:]
+        output = output_of(x, sigma, denoised)
+        history = (history + [output])[-4:]
         if i == 0 and len(sigmas) > 2:                   # no history yet: average with the slope at the end
-            x_euler = x + eps * (sigma_next - sigma)
-            eps_step = (eps + (x_euler - model(x_euler, sigma_next)) / sigma_next) / 2
+            x_euler = x + eps_of(x, sigma, output) * (sigma_next - sigma)
+            step = (output + output_of(x_euler, sigma_next, model(x_euler, sigma_next))) / 2
         else:
-            weights = ADAMS_BASHFORTH[len(eps_history)]
-            eps_step = sum(w * e for w, e in zip(weights, reversed(eps_history)))
-        x = x + eps_step * (sigma_next - sigma)
+            weights = ADAMS_BASHFORTH[len(history)]
+            step = sum(w * o for w, o in zip(weights, reversed(history)))
+        x = x + eps_of(x, sigma, step) * (sigma_next - sigma)
         report_step(callback, i, x, denoised)
     return x
 

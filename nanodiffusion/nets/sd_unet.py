@@ -1,4 +1,5 @@
-"""The Stable Diffusion v1.x UNet: latent eps prediction with text cross-attention (Rombach et al. 2022).
+"""The Stable Diffusion v1.x / 2.x UNet: latent eps (or v) prediction with text cross-attention (Rombach et
+al. 2022). SD 2.x differs only in options: linear projections, 64-wide heads, upcast attention.
 
 Submodule names mirror diffusers' `UNet2DConditionModel`, so a diffusers `unet/` folder loads with
 `load_state_dict(strict=True)` once its `config.json` is read by `SDUNetConfig.from_diffusers_config`.
@@ -173,6 +174,14 @@ def _one_value(name: str, value):
 SD15_UNET = SDUNetConfig()
 TINY_UNET = SDUNetConfig(model_channels=32, channel_mult=(1, 2), attention_levels=(1,), num_heads=2,
                          context_dim=32, norm_groups=8, sample_size=8)
+# SD 2.x: 64-wide heads (so 5, 10, 20, 20 of them), linear projections, OpenCLIP ViT-H/14's 1024-wide text.
+# The 512-base models (SD-Turbo too) and the 768-v ones, whose config also upcasts attention (SD 2.1).
+SD2_UNET = SDUNetConfig(num_heads=(5, 10, 20, 20), context_dim=1024, linear_projection=True)
+SD2_V_UNET = SDUNetConfig(num_heads=(5, 10, 20, 20), context_dim=1024, linear_projection=True,
+                          upcast_attention=True, sample_size=96)
+# A tiny SD 2.x-style UNet: attention but at the last level, 64-wide heads per level, linear projections.
+TINY_SD2_UNET = SDUNetConfig(model_channels=64, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0,),
+                             num_heads=(1, 2), context_dim=64, linear_projection=True, sample_size=8)
 
 
 def _resnet(config: SDUNetConfig, in_channels: int, out_channels: int) -> ResnetBlock:

@@ -119,9 +119,10 @@ class DDPMPipeline:
             if i in record:
                 frames.append(_vp(x_i, sigmas[i + 1]).clamp(-1, 1))
 
-        inputs = schedule_inputs(SAMPLERS[sampler].function, self.scheduler.alphas_cumprod)  # TCD's timesteps
-        x = SAMPLERS[sampler].function(model, x, sigmas, generator=generator, callback=callback, **inputs,
-                                       **sampler_options)
+        function = SAMPLERS[sampler].function
+        # TCD reads the timesteps, PLMS extrapolates the network's own output (diffusers' PNDMScheduler)
+        inputs = schedule_inputs(function, self.scheduler.alphas_cumprod, self.scheduler.prediction)
+        x = function(model, x, sigmas, generator=generator, callback=callback, **inputs, **sampler_options)
         bar.close()
         x = final_latent(sampler, x, sigmas)
         return SampleResult(x.clamp(-1, 1), class_labels, frames)
