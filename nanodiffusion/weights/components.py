@@ -14,6 +14,7 @@ import torch
 
 from nanodiffusion.errors import UserError
 from nanodiffusion.nets.clip_text import CLIPTextConfig, CLIPTextModel
+from nanodiffusion.nets.controlnet import ControlNet, ControlNetConfig
 from nanodiffusion.nets.sd_unet import SDUNet, SDUNetConfig
 from nanodiffusion.nets.vae import AutoencoderKL, VAEConfig
 from nanodiffusion.tokenizer import CLIPTokenizer
@@ -22,6 +23,8 @@ from nanodiffusion.weights import file_pages
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 NETWORKS = {"unet": (SDUNet, SDUNetConfig), "vae": (AutoencoderKL, VAEConfig),
             "text_encoder": (CLIPTextModel, CLIPTextConfig)}
+# Networks loaded beside a model rather than as one of its components.
+ADDED_NETWORKS = {"controlnet": (ControlNet, ControlNetConfig)}
 _SHOWN = 20             # names listed in an error before "... and N more"
 
 # SD v1.x's scheduler/scheduler_config.json (runwayml/stable-diffusion-v1-5), for files that carry none.
@@ -88,7 +91,7 @@ def check_state_dict(expected: Mapping[str, torch.Size], state: Mapping[str, tor
 
 def build_on_meta(component: str, config) -> torch.nn.Module:
     """`component`'s network for `config` with every tensor on the meta device (no memory used)."""
-    network_class = NETWORKS[component][0]
+    network_class = (NETWORKS | ADDED_NETWORKS)[component][0]
     with torch.device("meta"):
         return network_class(config)
 

@@ -126,21 +126,26 @@ PAIRS = {"unet": unet_pairs, "vae": vae_pairs, "text_encoder": text_pairs}
 
 
 def rename_table(component: str, config, our_keys) -> dict[str, str]:
-    """{our key: original key (with its single-file prefix)} for every key in `our_keys` of `component`.
+    """{our key: original key (with its single-file prefix)} for every key in `our_keys` of `component`."""
+    return rename_by_pairs(PAIRS[component](config), PREFIXES[component], our_keys, component)
 
-    A key is renamed through its longest module prefix in the pairs; a key no pair covers is a bug here.
+
+def rename_by_pairs(pairs: list[tuple[str, str]], prefix: str, our_keys, what: str) -> dict[str, str]:
+    """{our key: `prefix` + original key}, each key renamed through its longest module prefix in `pairs`.
+
+    A key no pair covers is a bug in the pairs of `what`.
     """
-    modules = dict(PAIRS[component](config))
+    modules = dict(pairs)
     table = {}
     for key in our_keys:
         parts = key.split(".")
         for cut in range(len(parts) - 1, 0, -1):
             module = ".".join(parts[:cut])
             if module in modules:
-                table[key] = PREFIXES[component] + ".".join([modules[module], *parts[cut:]])
+                table[key] = prefix + ".".join([modules[module], *parts[cut:]])
                 break
         else:
-            raise AssertionError(f"no original name for {component} key {key!r}: rename pairs incomplete")
+            raise AssertionError(f"no original name for {what} key {key!r}: rename pairs incomplete")
     return table
 
 
