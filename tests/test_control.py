@@ -8,7 +8,10 @@ import torch
 
 from nanodiffusion.diffusion.control import (ControlUnit, active_steps, control_denoiser, controlled_unet,
                                              guess_mode_scales, step_index)
+from nanodiffusion.diffusion.denoisers import Denoiser
+from nanodiffusion.diffusion.guidance import cfg_denoiser
 from nanodiffusion.diffusion.samplers import SAMPLERS
+from nanodiffusion.diffusion.schedules import ScheduleConfig, get_alphas_cumprod
 from nanodiffusion.errors import UserError
 from nanodiffusion.nets.controlnet import TINY_CONTROLNET, ControlNet, ControlNetConfig
 from nanodiffusion.nets.sd_unet import TINY_UNET, SDUNet
@@ -145,12 +148,14 @@ def test_two_controlnets_with_cfg_match_diffusers(guess_mode):
     # the module itself: diffusers.MultiControlNetModel would import every pipeline (a minute here)
     from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
     unet_config = TINY_UNET
-    reference_unet = randomize_(diffusers.UNet2DConditionModel.from_config(unet_config.to_diffusers_config()), 0)
+    reference_unet = diffusers.UNet2DConditionModel.from_config(unet_config.to_diffusers_config())
+    reference_unet = randomize_(reference_unet, 0)
     unet = SDUNet(unet_config).eval()
     unet.load_state_dict(reference_unet.state_dict())
     references, controlnets = [], []
     for seed in (1, 2):
-        reference = randomize_(diffusers.ControlNetModel.from_config(TINY_CONTROLNET.to_diffusers_config()), seed)
+        reference = diffusers.ControlNetModel.from_config(TINY_CONTROLNET.to_diffusers_config())
+        reference = randomize_(reference, seed)
         ours = ControlNet(ControlNetConfig.from_diffusers_config(reference.config)).eval()
         ours.load_state_dict(reference.state_dict())
         references.append(reference)
@@ -162,14 +167,16 @@ def test_two_controlnets_with_cfg_match_diffusers(guess_mode):
     t = torch.tensor(500.0)
     with torch.no_grad():
         multi = MultiControlNetModel(references)
-        inputs, embeds = (latents, prompt) if guess_mode else (torch.cat([latents] * 2), torch.cat([negative, prompt]))
+        both = torch.cat([latents] * 2), torch.cat([negative, prompt])            # CFG: [uncond, cond]
+        inputs, embeds = (latents, prompt) if guess_mode else both
         repeat = 2 if guess_mode else 4
         down, mid = multi(inputs, t, embeds, [image.repeat(repeat, 1, 1, 1) for image in images], [0.7, 1.3],
                           guess_mode=guess_mode, return_dict=False)
         if guess_mode:
-            down, mid = [torch.cat([torch.zeros_like(d), d]) for d in down], torch.cat([torch.zeros_like(mid), mid])
-        expected = reference_unet(torch.cat([latents] * 2), t, torch.cat([negative, prompt]),
-                                  down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+            down = [torch.cat([torch.zeros_like(d), d]) for d in down]
+            mid = torch.cat([torch.zeros_like(mid), mid])
+        expected = reference_unet(*both[:1], t, both[1], down_block_additional_residuals=down,
+                                  mid_block_additional_residual=mid).sample
         units = [ControlUnit(net, image, scale=scale, guess_mode=guess_mode)
                  for net, image, scale in zip(controlnets, images, (0.7, 1.3))]
         net = controlled_unet(unet, units)
@@ -177,3 +184,29 @@ def test_two_controlnets_with_cfg_match_diffusers(guess_mode):
         eps = model(torch.cat([latents] * 2), SIGMAS[0], context=torch.cat([negative, prompt]),
                     conditional=torch.tensor([0.0, 0.0, 1.0, 1.0]))
     assert (eps - expected).abs().max() <= 1e-4
+
+
+def test_with_cfg_and_a_sampler_a_fresh_controlnet_changes_nothing_and_a_trained_one_does():
+    """The whole stack (sampler, CFG, our wrappers, Denoiser, UNet): a ControlNet just made from the UNet
+    adds exact zeros (zero convolutions), so the sample equals the plain model's; random weights do not."""
+    unet = randomize_(SDUNet(TINY_UNET), 0)
+    alphas_cumprod = get_alphas_cumprod(ScheduleConfig(kind="scaled_linear"))
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=generator) * SIGMAS[0]
+    prompt, negative = torch.randn(2, 2, 7, 32, generator=generator)
+    image = torch.rand(1, 3, 64, 64, generator=generator)
+
+    def sample(controlnet, guess_mode=False):
+        units = [ControlUnit(controlnet, image, scale=1.5, end=0.6, guess_mode=guess_mode)] \
+            if controlnet else []
+        denoiser = control_denoiser(Denoiser(controlled_unet(unet, units), alphas_cumprod), units, SIGMAS)
+        guided = cfg_denoiser(denoiser, {"context": prompt, "conditional": torch.ones(2)},
+                              {"context": negative, "conditional": torch.zeros(2)}, 7.5)
+        with torch.no_grad():
+            return SAMPLERS["euler"](guided, x, SIGMAS)
+
+    plain = sample(None)
+    assert torch.equal(sample(ControlNet.from_unet(unet)), plain)
+    trained = randomize_(ControlNet.from_unet(unet), 1)
+    assert (sample(trained) - plain).abs().max() > 1e-3
+    assert (sample(trained, guess_mode=True) - sample(trained)).abs().max() > 1e-3

@@ -57,8 +57,10 @@ def _max_difference(first, second) -> float:
     return max((a - b).abs().max().item() for a, b in zip(first, second))
 
 
-@pytest.mark.parametrize("config", [TINY_CONTROLNET, VARIANT,
-                                    dataclasses.replace(TINY_CONTROLNET, global_pool=True, channel_order="bgr")],
+POOLED_BGR = dataclasses.replace(TINY_CONTROLNET, global_pool=True, channel_order="bgr")
+
+
+@pytest.mark.parametrize("config", [TINY_CONTROLNET, VARIANT, POOLED_BGR],
                          ids=["tiny", "variant", "pooled-bgr"])
 @pytest.mark.parametrize("size", [(8, 8), (9, 13)], ids=["square", "odd"])
 def test_controlnet_matches_diffusers(config, size):
@@ -121,10 +123,12 @@ def test_batch_of_n_equals_n_batches_of_1():
             assert _max_difference([*one[0], one[1]], [r[i:i + 1] for r in [*down, mid]]) <= 1e-5
 
 
-@pytest.mark.parametrize("config", [SD15_CONTROLNET, TINY_CONTROLNET, VARIANT], ids=["sd15", "tiny", "variant"])
+@pytest.mark.parametrize("config", [SD15_CONTROLNET, TINY_CONTROLNET, VARIANT, POOLED_BGR],
+                         ids=["sd15", "tiny", "variant", "pooled-bgr"])
 def test_config_round_trips(config):
     assert ControlNetConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
-    assert ControlNetConfig.from_diffusers_config(json.loads(json.dumps(config.to_diffusers_config()))) == config
+    diffusers_json = json.loads(json.dumps(config.to_diffusers_config()))
+    assert ControlNetConfig.from_diffusers_config(diffusers_json) == config
 
 
 def test_sd15_published_config_and_parameter_count():
@@ -178,3 +182,18 @@ def test_bad_inputs_fail_clearly():
         SDUNet(TINY_UNET)(x, t, context, down_residuals=[x])
     with pytest.raises(UserError, match="channel_order"):
         ControlNetConfig(channel_order="BGR")
+
+
+def test_channels_last_and_bfloat16_stay_close():
+    """The fast path the pipelines use for the UNet serves the ControlNet too."""
+    controlnet = randomize_(ControlNet(TINY_CONTROLNET), 0)
+    x, t, context, image = _inputs(TINY_CONTROLNET)
+    with torch.no_grad():
+        down, mid = controlnet(x, t, context, image)
+        controlnet = controlnet.to(memory_format=torch.channels_last)
+        fast = controlnet(x.to(memory_format=torch.channels_last), t, context, image)
+        low = controlnet.to(torch.bfloat16)(x.bfloat16(), t, context.bfloat16(), image)
+    expected = [*down, mid]
+    assert _max_difference([*fast[0], fast[1]], expected) <= 1e-5
+    scale = max(r.abs().max().item() for r in expected)
+    assert _max_difference([r.float() for r in [*low[0], low[1]]], expected) <= 0.05 * scale

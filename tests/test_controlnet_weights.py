@@ -136,7 +136,8 @@ def _single_file(tmp_path, state: dict, name: str = "control.safetensors"):
      "is a Stable Diffusion model, not a ControlNet"),
     (lambda s: {**s, "difference": torch.zeros(1)}, "'difference' ControlNet"),
     (lambda s: {"lora_unet_down.weight": torch.zeros(2)}, "looks like a LoRA"),
-    (lambda s: {k: v for k, v in s.items() if "zero_convs.3." not in k}, "2 missing: control_model.zero_convs.3"),
+    (lambda s: {k: v for k, v in s.items() if "zero_convs.3." not in k},
+     "2 missing: control_model.zero_convs.3"),
     (lambda s: {**s, "control_model.extra.weight": torch.zeros(1)}, "1 unexpected: control_model.extra"),
 ])
 def test_other_files_are_named(tmp_path, change, message):

@@ -42,7 +42,8 @@ def fit_control_image(image: Image.Image, width: int, height: int, mode: str = "
     mode = A1111_RESIZE_MODES.get(mode, mode)
     if mode not in RESIZE_MODES:
         names = ", ".join(name for name in A1111_RESIZE_MODES if isinstance(name, str))
-        raise UserError(f"unknown resize mode {mode!r}; valid: {', '.join(RESIZE_MODES)} (or A1111's {names})")
+        raise UserError(f"unknown resize mode {mode!r}; valid: {', '.join(RESIZE_MODES)} "
+                        f"(or A1111's {names})")
     if width < 1 or height < 1:
         raise UserError(f"the control image size must be positive, got {width} x {height}")
     image = to_rgb(image)

@@ -74,8 +74,8 @@ def control_denoiser(denoiser: Callable, units: Sequence[ControlUnit], sigmas: t
     (`conditional` == 0) for units in guess mode or pooled. `sigmas` is the grid the sampler runs."""
     num_steps = len(sigmas) - 1
     table = torch.tensor([[unit.scale * active for active in active_steps(num_steps, unit.start, unit.end)]
-                          for unit in units], dtype=torch.float64)             # (units, N)
-    conditional_only = torch.tensor([unit.guess_mode or unit.pooled for unit in units])    # (units,)
+                          for unit in units], dtype=torch.float64).reshape(len(units), num_steps)
+    conditional_only = torch.tensor([unit.guess_mode or unit.pooled for unit in units], dtype=torch.bool)
 
     def denoise(x: torch.Tensor, sigma, conditional: torch.Tensor | None = None, **cond) -> torch.Tensor:
         sigma_rows = torch.as_tensor(sigma).reshape(-1).expand(x.shape[0])
@@ -95,7 +95,8 @@ def controlled_unet(unet: Callable, units: Sequence[ControlUnit]) -> Callable:
     def net(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
             control_weights: torch.Tensor | None = None) -> torch.Tensor:
         if control_weights is None:
-            control_weights = torch.tensor([[unit.scale for unit in units]] * x.shape[0], dtype=torch.float64)
+            scales = torch.tensor([unit.scale for unit in units], dtype=torch.float64)
+            control_weights = scales.expand(x.shape[0], -1)                           # (B, units)
         total = None
         for unit, weights in zip(units, control_weights.T):
             residuals = unit_residuals(unit, weights, x, t, context)
@@ -130,9 +131,8 @@ def unit_residuals(unit: ControlUnit, weights: torch.Tensor, x: torch.Tensor, t:
     factors = weights[rows].to(torch.float64)[:, None]                          # (rows, 1)
     if unit.guess_mode and not unit.pooled:
         factors = factors * guess_mode_scales(len(residuals))[None, :]           # (rows, residuals)
-    factors = factors.expand(-1, len(residuals))
-    scaled = [r * factors[:, k].to(device=r.device, dtype=r.dtype).reshape(-1, 1, 1, 1)
-              for k, r in enumerate(residuals)]
+    factors = factors.expand(-1, len(residuals)).to(device=mid.device, dtype=mid.dtype)   # one transfer
+    scaled = [r * factors[:, k].reshape(-1, 1, 1, 1) for k, r in enumerate(residuals)]
     if every_row:
         return scaled
     full = []

@@ -120,10 +120,11 @@ class ControlNetConfig:
         """Raise a UserError unless this ControlNet's residuals and text context fit `unet`."""
         mine, theirs = self.unet.context_dim, unet.context_dim
         if mine != theirs:
-            kind = FAMILIES.get(mine, f"a {mine}-wide text context")
-            raise UserError(f"this ControlNet was made for {kind} (text context {mine}) but the model is "
-                            f"{FAMILIES.get(theirs, 'a model')} (text context {theirs}): use a ControlNet "
-                            f"trained for this model's family")
+            def family(width: int) -> str:
+                return f"{FAMILIES[width]} (text context {width})" if width in FAMILIES else \
+                    f"a model with text context {width}"
+            raise UserError(f"this ControlNet was made for {family(mine)} but the model is {family(theirs)}: "
+                            "use a ControlNet trained for this model's family")
         fields = ("model_channels", "channel_mult", "num_res_blocks")
         wrong = [f"{name} {getattr(self.unet, name)} vs {getattr(unet, name)}" for name in fields
                  if getattr(self.unet, name) != getattr(unet, name)]
