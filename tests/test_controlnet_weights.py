@@ -84,6 +84,8 @@ def test_original_file_without_metadata_loads_with_the_unet_config(tmp_path, pre
     save_file(_original(controlnet, prefix), tmp_path / "control_tiny.safetensors")
     _assert_same(load_controlnet(tmp_path / "control_tiny.safetensors", unet=TINY_UNET), controlnet)
     assert load_controlnet(tmp_path / "control_tiny.safetensors").config == TINY_SD_DEFAULTS
+    (tmp_path / "control_tiny.safetensors").rename(tmp_path / "control_v11e_tiny_shuffle.safetensors")
+    assert load_controlnet(tmp_path / "control_v11e_tiny_shuffle.safetensors").config.global_pool  # as A1111
 
 
 def test_pth_needs_trust_pickle_and_v10_files_skip_their_sd_model(tmp_path):

@@ -3,7 +3,8 @@ original single file (`control_v11p_sd15_canny.pth` / `.safetensors`; pickles on
 
 A single file's config comes from its metadata when we wrote it, otherwise from tensor shapes; what shapes
 cannot tell (head counts, GroupNorm groups, fp32 attention) is the UNet's when one is given (a ControlNet
-is a copy of its UNet's encoder), else SD v1.x's. Files of other kinds are named, not half-loaded.
+is a copy of its UNet's encoder), else SD v1.x's, and residual pooling is on for "shuffle" files, as in
+A1111. Files of other kinds are named, not half-loaded.
 """
 
 import dataclasses
@@ -69,7 +70,9 @@ def _read_single_file(path: Path, trust_pickle: bool,
         config = ControlNetConfig.from_dict(json.loads(metadata[METADATA_KEY]))
     else:
         shapes = {key[len(prefix):]: value.shape for key, value in tensors.items() if key.startswith(prefix)}
-        config = infer_controlnet_config(shapes, unet)
+        # shapes cannot tell that a ControlNet pools its residuals: A1111 goes by the file's name
+        pooled = "shuffle" in path.name.lower()                 # control_v11e_sd15_shuffle
+        config = dataclasses.replace(infer_controlnet_config(shapes, unet), global_pool=pooled)
     shapes = expected_shapes(build_on_meta("controlnet", config))
     table = original_names(config, shapes, prefix)
     # v1.0 files hold a whole SD model beside `control_model.*`: not read, as the training leftovers
