@@ -15,7 +15,7 @@ FLOORS = [
     {"nanodiffusion", "errors"},            # "nanodiffusion": the package's __init__
     {"config", "atomic"},
     {"images", "tokenizer"},
-    {"nets", "diffusion", "data"},
+    {"nets", "diffusion", "data", "control_images"},
     {"weights"},
     {"pipelines"},
     {"evaluation"},

@@ -5,7 +5,7 @@ Submodule names mirror diffusers' `UNet2DConditionModel`, so a diffusers `unet/`
 `load_state_dict(strict=True)` once its `config.json` is read by `SDUNetConfig.from_diffusers_config`.
 """
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -283,9 +283,23 @@ class UpBlock(nn.Module):
         return h
 
 
+def build_down_blocks(config: SDUNetConfig) -> tuple[nn.ModuleList, list[int]]:
+    """The encoder's down blocks, and the channels of every skip connection they (and conv_in) leave."""
+    levels = len(config.channel_mult)
+    blocks, skip_channels = nn.ModuleList(), [config.model_channels]
+    for level in range(levels):
+        add_downsample = level < levels - 1
+        blocks.append(DownBlock(skip_channels[-1], config, level, add_downsample=add_downsample))
+        skip_channels += [config.channels(level)] * (config.num_res_blocks + add_downsample)
+    return blocks, skip_channels
+
+
 class SDUNet(nn.Module):
     """`SDUNet(config)(x, t, context)` predicts the noise eps of latents `x` (B, C, h, w) at timesteps `t`
     ((B,) or scalar, float) given text embeddings `context` (B, L, context_dim).
+
+    A ControlNet's outputs (Zhang et al. 2023, eq. 4) are added to the skip connections (`down_residuals`,
+    one per skip) and to the middle block's output (`mid_residual`), as diffusers' UNet2DConditionModel does.
     """
 
     def __init__(self, config: SDUNetConfig):
@@ -295,13 +309,8 @@ class SDUNet(nn.Module):
         self.conv_in = nn.Conv2d(config.in_channels, config.model_channels, 3, padding=1)
         self.time_embedding = TimestepEmbedding(config.model_channels, 4 * config.model_channels)
 
-        channels, skip_channels = config.model_channels, [config.model_channels]
-        self.down_blocks = nn.ModuleList()
-        for level in range(levels):
-            add_downsample = level < levels - 1
-            self.down_blocks.append(DownBlock(channels, config, level, add_downsample=add_downsample))
-            channels = config.channels(level)
-            skip_channels += [channels] * (config.num_res_blocks + add_downsample)
+        self.down_blocks, skip_channels = build_down_blocks(config)
+        channels = skip_channels[-1]
         self.mid_block = MidBlock(config)
         self.up_blocks = nn.ModuleList()
         for level in reversed(range(levels)):
@@ -312,26 +321,41 @@ class SDUNet(nn.Module):
         self.conv_norm_out = nn.GroupNorm(config.norm_groups, config.model_channels, eps=config.norm_eps)
         self.conv_out = nn.Conv2d(config.model_channels, config.out_channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
-        batch = x.shape[0]
-        if x.ndim != 4 or x.shape[1] != self.config.in_channels:
-            raise ValueError(f"x must have shape (B, {self.config.in_channels}, h, w), got {tuple(x.shape)}")
-        if context.ndim != 3 or context.shape[0] != batch or context.shape[2] != self.config.context_dim:
-            raise ValueError(f"context must have shape ({batch}, L, {self.config.context_dim}), "
-                             f"got {tuple(context.shape)}")
-        t = torch.as_tensor(t, device=x.device)
-        if t.ndim > 1 or t.numel() not in (1, batch):
-            raise ValueError(f"t must be a scalar or have shape ({batch},), got {tuple(t.shape)}")
-        features = timestep_embedding(t.expand(batch), self.config.model_channels, cos_first=True,
-                                      freq_shift=0)                         # (B, model_channels)
-        # every resnet applies SiLU to the embedding before its projection: done once here
-        temb = F.silu(self.time_embedding(features.to(x.dtype)))            # (B, 4*model_channels)
-
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor,
+                down_residuals: Sequence[torch.Tensor] | None = None,
+                mid_residual: torch.Tensor | None = None) -> torch.Tensor:
+        temb = embed_inputs(self.config, self.time_embedding, x, t, context)
         h = self.conv_in(x)
         skips = [h]
         for block in self.down_blocks:
             h = block(h, temb, context, skips)
+        if down_residuals is not None:          # a ControlNet's residuals join the skip connections
+            if len(down_residuals) != len(skips):
+                raise ValueError(f"down_residuals must hold one tensor per skip connection ({len(skips)}), "
+                                 f"got {len(down_residuals)}")
+            skips = [skip + residual for skip, residual in zip(skips, down_residuals)]
         h = self.mid_block(h, temb, context)
+        if mid_residual is not None:
+            h = h + mid_residual
         for block in self.up_blocks:
             h = block(h, temb, context, skips)
         return self.conv_out(F.silu(self.conv_norm_out(h)))
+
+
+def embed_inputs(config: SDUNetConfig, time_embedding: TimestepEmbedding, x: torch.Tensor,
+                 t: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
+    """Check the shapes of a UNet (or ControlNet) input and return the SiLU-activated timestep embedding
+    (B, 4*model_channels) of `t` ((B,) or scalar)."""
+    batch = x.shape[0]
+    if x.ndim != 4 or x.shape[1] != config.in_channels:
+        raise ValueError(f"x must have shape (B, {config.in_channels}, h, w), got {tuple(x.shape)}")
+    if context.ndim != 3 or context.shape[0] != batch or context.shape[2] != config.context_dim:
+        raise ValueError(f"context must have shape ({batch}, L, {config.context_dim}), "
+                         f"got {tuple(context.shape)}")
+    t = torch.as_tensor(t, device=x.device)
+    if t.ndim > 1 or t.numel() not in (1, batch):
+        raise ValueError(f"t must be a scalar or have shape ({batch},), got {tuple(t.shape)}")
+    features = timestep_embedding(t.expand(batch), config.model_channels, cos_first=True,
+                                  freq_shift=0)                             # (B, model_channels)
+    # every resnet applies SiLU to the embedding before its projection: done once here
+    return F.silu(time_embedding(features.to(x.dtype)))                    # (B, 4*model_channels)

@@ -14,6 +14,7 @@ import torch
 
 from nanodiffusion.errors import UserError
 from nanodiffusion.nets.clip_text import CLIPTextConfig, CLIPTextModel
+from nanodiffusion.nets.controlnet import ControlNet, ControlNetConfig
 from nanodiffusion.nets.sd_unet import SDUNet, SDUNetConfig
 from nanodiffusion.nets.taesd import AutoencoderTiny, AutoencoderTinyConfig
 from nanodiffusion.nets.vae import AutoencoderKL, VAEConfig
@@ -24,6 +25,8 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 NETWORKS = {"unet": (SDUNet, SDUNetConfig), "vae": (AutoencoderKL, VAEConfig),
             "text_encoder": (CLIPTextModel, CLIPTextConfig),
             "taesd": (AutoencoderTiny, AutoencoderTinyConfig)}        # a replacement VAE
+# Networks loaded beside a model rather than as one of its components.
+ADDED_NETWORKS = {"controlnet": (ControlNet, ControlNetConfig)}
 _SHOWN = 20             # names listed in an error before "... and N more"
 
 # SD v1.x's scheduler/scheduler_config.json (runwayml/stable-diffusion-v1-5), for files that carry none.
@@ -91,7 +94,7 @@ def check_state_dict(expected: Mapping[str, torch.Size], state: Mapping[str, tor
 
 def build_on_meta(component: str, config) -> torch.nn.Module:
     """`component`'s network for `config` (its class follows the config's) on the meta device (no memory)."""
-    network_class = next(network for network, config_class in NETWORKS.values()
+    network_class = next(network for network, config_class in (NETWORKS | ADDED_NETWORKS).values()
                          if isinstance(config, config_class))
     with torch.device("meta"):
         return network_class(config)

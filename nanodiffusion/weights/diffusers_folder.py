@@ -30,7 +30,8 @@ from nanodiffusion.weights.families import check_pipeline_class, check_unet_inpu
 from nanodiffusion.weights.original_keys import DEPRECATED_VAE_ATTENTION, IGNORED_DIFFUSERS_KEYS
 from nanodiffusion.weights.safe_load import read_pickle, read_safetensors, sniff, write_safetensors
 
-WEIGHT_NAMES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+WEIGHT_NAMES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
+                "controlnet": "diffusion_pytorch_model"}
 CONFIG_READERS = {"unet": SDUNetConfig.from_diffusers_config, "vae": VAEConfig.from_diffusers_config,
                   "text_encoder": CLIPTextConfig.from_transformers_config}
 # The autoencoders a `vae/` folder may hold, by config.json's _class_name.

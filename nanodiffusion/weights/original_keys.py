@@ -163,11 +163,16 @@ PAIRS = {"unet": unet_pairs, "vae": vae_pairs, "text_encoder": text_pairs}
 def rename_table(component: str, config, our_keys) -> dict[str, str]:
     """{our key: original key (with its single-file prefix)} for every key in `our_keys` of `component`.
 
-    A key is renamed through its longest prefix (itself included) in the pairs; a key no pair covers is a
-    bug here. The three keys of a fused q/k/v share one original key (see `fused_index`).
+    The three keys of a fused q/k/v share one original key (see `fused_index`).
     """
-    modules = dict(PAIRS[component](config))
     prefix = text_prefix(config) if component == "text_encoder" else PREFIXES[component]
+    return rename_by_pairs(PAIRS[component](config), prefix, our_keys, component)
+
+
+def rename_by_pairs(pairs: list[tuple[str, str]], prefix: str, our_keys, what: str) -> dict[str, str]:
+    """{our key: `prefix` + original key}, each key renamed through its longest prefix (itself included) in
+    `pairs`; a key no pair covers is a bug in the pairs of `what`."""
+    modules = dict(pairs)
     table = {}
     for key in our_keys:
         parts = key.split(".")
@@ -177,7 +182,7 @@ def rename_table(component: str, config, our_keys) -> dict[str, str]:
                 table[key] = prefix + ".".join([modules[module], *parts[cut:]])
                 break
         else:
-            raise AssertionError(f"no original name for {component} key {key!r}: rename pairs incomplete")
+            raise AssertionError(f"no original name for {what} key {key!r}: rename pairs incomplete")
     return table
 
 
