@@ -17,7 +17,9 @@ from nanodiffusion.adapters.lora import LoRAAdapters
 from nanodiffusion.adapters.lora_files import LoRALayer, read_lora_file
 from nanodiffusion.adapters.lora_targets import module_names
 from nanodiffusion.errors import UserError
+from nanodiffusion.pipelines.text_to_image import TextToImage
 from nanodiffusion.tokenizer import CLIPTokenizer
+from nanodiffusion.weights import SDComponents, save_diffusers
 from tiny_sd import tiny_ours
 
 
@@ -156,6 +158,35 @@ def test_unloading_restores_the_original_tensors_bit_for_bit(pipe, tmp_path):
     assert all(torch.equal(after[key], value) for key, value in before.items())
     assert all(parameter is parameters[name] for name, parameter in pipe.unet.named_parameters())
     assert not pipe.lora._originals                                       # nothing is kept once restored
+
+
+def test_memory_mapped_model_restores_bit_for_bit(pipe, tmp_path):
+    """A model loaded without conversion runs on the file's pages; set aside, they are given back and
+    re-read on restore."""
+    save_diffusers(SDComponents(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer), tmp_path / "model")
+    mapped = TextToImage.from_pretrained(tmp_path / "model")
+    before = weights(mapped)
+    mapped.load_lora_weights(write_kohya(tmp_path / "a.safetensors", lora_layers(networks(pipe), unet=CONV)))
+    assert_weights(mapped, expected(before, [lora_layers(networks(pipe), unet=CONV)], [1.0]))
+    mapped.unload_lora_weights()
+    after = weights(mapped)
+    assert all(torch.equal(after[key], value) for key, value in before.items())
+
+
+def test_without_originals_the_first_application_is_exact_and_changes_are_differences(pipe, tmp_path):
+    first, second = lora_layers(networks(pipe), seed=1), lora_layers(networks(pipe), unet=CONV, seed=2)
+    exact = copy.deepcopy(pipe)
+    exact.load_lora_weights(write_kohya(tmp_path / "a.safetensors", first, alpha=2.0))
+    one_shot = LoRAAdapters(networks(pipe), restorable=False)
+    before = weights(pipe)
+    one_shot.load_lora_weights(tmp_path / "a.safetensors")
+    assert all(torch.equal(value, weights(exact)[key]) for key, value in weights(pipe).items())
+    assert not one_shot._originals
+    one_shot.load_lora_weights(write_peft(tmp_path / "b.safetensors", second))
+    one_shot.set_adapters(["a", "b"], [0.5, 2.0])
+    assert_weights(pipe, expected(before, [first, second], [0.5 * 0.5, 2.0]), atol=1e-5)
+    one_shot.unload_lora_weights()
+    assert_weights(pipe, before, atol=1e-5)
 
 
 def test_fused_weights_stay_after_unload(pipe, tmp_path):

@@ -5,9 +5,12 @@ LoRAs apply by writing adapted weights into the networks, never beside the layer
 active set or a weight changes, each weight W that a LoRA touches becomes W + Σ_i w_i·scale_i·B_i·A_i
 (Hu et al. 2021, eq. 3), summed in float32 from the original W and rounded once to W's dtype. So a step
 costs what it costs without LoRAs, and a bf16 model gets exactly the weights of an fp32 one cast to bf16.
-The adapted weight is a new tensor; the original tensor is set aside untouched (the only extra memory is
-one tensor per touched weight), and putting it back restores the model bit for bit. `fuse_lora` fixes the
-current state, times `lora_scale`; `unload_lora_weights` after it keeps the fused weights, as in diffusers.
+The adapted weight is a new tensor; the original is set aside untouched and putting it back restores the
+model bit for bit. That costs one tensor per touched weight, except where the original is a memory-mapped
+file page (a model loaded without conversion): its pages are given back and re-read from the file when
+needed. `restorable=False` keeps no originals (one-shot use, as the CLI's): later changes then apply as
+differences, exact only to float rounding as diffusers' unfuse. `fuse_lora` fixes the current state, times
+`lora_scale`; `unload_lora_weights` after it keeps the fused weights, as in diffusers.
 """
 
 from dataclasses import dataclass
@@ -19,6 +22,7 @@ from torch import nn
 from nanodiffusion.adapters.lora_files import LoRAFile, LoRALayer, read_lora_file, resolve_lora_path
 from nanodiffusion.adapters.lora_targets import resolve_targets
 from nanodiffusion.errors import UserError
+from nanodiffusion.weights import file_pages
 
 # LCM-LoRA's published settings (Luo et al. 2023, "LCM-LoRA"): the LCM sampler, 2-8 steps, guidance 1-2.
 LCM_SETTINGS = "--sampler lcm --steps 4 --guidance 1"
@@ -38,8 +42,9 @@ class Adapter:
 class LoRAAdapters:
     """The LoRAs loaded into `networks` ({"unet": ..., "text_encoder": ...}), which apply and how much."""
 
-    def __init__(self, networks: dict[str, nn.Module]):
+    def __init__(self, networks: dict[str, nn.Module], *, restorable: bool = True):
         self.networks = networks
+        self.restorable = restorable                    # keep originals: restores exact (see the module doc)
         self.adapters: dict[str, Adapter] = {}
         self.active: dict[str, float] = {}              # adapter name -> weight, in set_adapters' order
         self.lora_scale: float | None = None            # set while fused
@@ -95,10 +100,10 @@ class LoRAAdapters:
         for name in names:
             if name not in self.adapters:
                 raise UserError(f"unknown adapter {name!r}; loaded: {', '.join(self.adapters) or 'none'}")
+        self.active = {name: weight for name, weight in self.active.items() if name not in names}
+        self._apply()
         for name in names:
             del self.adapters[name]
-            self.active.pop(name, None)
-        self._apply()
 
     def fuse_lora(self, lora_scale: float = 1.0) -> None:
         """Fix the active adapters into the weights, each weight times `lora_scale` (diffusers' fuse_lora)."""
@@ -117,7 +122,8 @@ class LoRAAdapters:
 
     def unload_lora_weights(self) -> None:
         """Forget every adapter. Unfused, the original weights come back bit for bit; fused, the fused
-        weights stay (and the originals are freed), as diffusers' fuse_lora + unload_lora_weights."""
+        weights stay (and the originals are freed), as diffusers' fuse_lora + unload_lora_weights.
+        Without originals (restorable=False) the unfused LoRAs are subtracted again, to float rounding."""
         if self.lora_scale is None:
             self.active = {}
             self._apply()
@@ -147,31 +153,40 @@ class LoRAAdapters:
             if weight:
                 for target in self.adapters[name].targets:
                     wanted.setdefault(target, []).append((name, weight * factor))
+        mappings = file_pages.file_mappings() if self.restorable else []
         for target in [*self._applied, *(t for t in wanted if t not in self._applied)]:
             plan = tuple(wanted.get(target, ()))
             if self._applied.get(target, ()) != plan:
-                self._write(target, plan)
+                self._write(target, plan, mappings)
 
-    def _write(self, target: Target, plan: tuple) -> None:
-        """Swap in the weight of `target` for `plan` (an empty plan puts the original back)."""
+    def _write(self, target: Target, plan: tuple, mappings: list) -> None:
+        """Swap in the weight of `target` for `plan`: its original plus the plan's deltas (an empty plan puts
+        the original back); without originals, the current weight minus the last plan plus this one."""
         network, name = target
         module = self.networks[network].get_submodule(name)
-        weight = module.weight
-        original = self._originals.get(target, weight)
-        if (original.dtype, original.device) != (weight.dtype, weight.device):
+        weight, undo = module.weight, ()
+        base = self._originals.get(target, weight) if self.restorable else weight
+        if not self.restorable:
+            undo = self._applied.get(target, ())
+        elif (base.dtype, base.device) != (weight.dtype, weight.device):
             # the model was cast or moved since: the original is now its cast, as the model's other weights
-            original = nn.Parameter(original.to(weight.device, weight.dtype), original.requires_grad)
-        if not plan:
-            module.weight = original
+            base = nn.Parameter(base.to(weight.device, weight.dtype), base.requires_grad)
+        if self.restorable and not plan:
+            module.weight = base
             self._originals.pop(target, None)
             self._applied.pop(target, None)
             return
-        total = original.detach().to(torch.float32, copy=True)
-        for adapter, factor in plan:
+        total = base.detach().to(torch.float32, copy=True)
+        for (adapter, factor), sign in [*((step, 1) for step in plan), *((step, -1) for step in undo)]:
             delta = self.adapters[adapter].targets[target].delta(total.device)
-            total.add_(delta.view(total.shape), alpha=factor)
-        adapted = torch.empty_like(original)                # the original's dtype, device and memory layout
+            total.add_(delta.view(total.shape), alpha=sign * factor)
+        adapted = torch.empty_like(base)                # the original's dtype, device and memory layout
         adapted.copy_(total)
-        module.weight = nn.Parameter(adapted, original.requires_grad)
-        self._originals[target] = original
+        module.weight = nn.Parameter(adapted, base.requires_grad)
+        if self.restorable:
+            if target not in self._originals:
+                file_pages.release(base, mappings)      # a file-backed original is re-read when needed
+            self._originals[target] = base
         self._applied[target] = plan
+        if not plan:
+            del self._applied[target]
