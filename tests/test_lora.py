@@ -99,6 +99,16 @@ def test_every_layout_gives_the_same_weights(pipe, tmp_path):
     assert_weights(pipe, expected(before, [layers], [1.0]))
 
 
+def test_keys_without_network_prefix_are_the_unet_or_the_text_encoder(pipe, tmp_path):
+    layers = lora_layers(networks(pipe), unet=("attn2.to_k",), text_encoder=("fc1",))
+    tensors = {f"{name}.{part}.weight": value for (_, name), (down, up) in layers.items()
+               for part, value in (("lora_A", down), ("lora_B", up))}
+    save_file(tensors, str(tmp_path / "bare.safetensors"))
+    before = weights(pipe)
+    pipe.load_lora_weights(tmp_path / "bare.safetensors")
+    assert_weights(pipe, expected(before, [layers], [1.0]))
+
+
 def test_original_module_names_reach_the_right_modules(pipe):
     names = module_names("unet", pipe.unet)
     assert names["input_blocks_4_1_proj_in"] == "down_blocks.1.attentions.0.proj_in"

@@ -147,7 +147,9 @@ def _split_key(path: Path, key: str, tensors: dict) -> tuple[str, str, str, str]
     match = _DIFFUSERS_KEY.fullmatch(key)
     if match:
         network, name, part = match.groups()
-        return "diffusers", network or "unet", name, _part(path, key, part)
+        # keys without a network prefix are one network's own save: the UNet's, or the text encoder's
+        network = network or ("text_encoder" if name.startswith("text_model.") else "unet")
+        return "diffusers", network, name, _part(path, key, part)
     raise UserError(_unknown_layout(path, key, tensors))
 
 
