@@ -127,7 +127,7 @@ def read_lora_file(path: str | Path) -> LoRAFile:
         raise UserError(f"{path} mixes kohya (lora_unet_...) and diffusers (unet....lora_A) keys: not a LoRA "
                         "layout any tool writes")
     layout = layouts.pop()
-    alphas = _metadata_alphas(path, metadata) if layout == "diffusers" else {}
+    alphas = _metadata_alphas(path, metadata) if layout == "diffusers" else None
     layers = {where: _layer(path, where, found, alphas) for where, found in parts.items()}
     return LoRAFile(path, layout, layers, metadata)
 
@@ -189,10 +189,8 @@ def _layer(path: Path, where: tuple[str, str], found: dict[str, torch.Tensor], a
         raise UserError(f"{path}: layer {name} has rank {down.shape[0]} in its down matrix "
                         f"{tuple(down.shape)} but {up.shape[1]} in its up matrix {tuple(up.shape)}")
     rank = down.shape[0]
-    if "alpha" in found:
-        alpha = float(found["alpha"].float())
-        # kohya's trainer reads alpha 0 (or none) as alpha = rank, i.e. scale 1
-        return LoRALayer(down, up, alpha / rank if alpha else 1.0)
+    if "alpha" in found:                    # alpha 0 scales by 0, as A1111 and diffusers read it
+        return LoRALayer(down, up, float(found["alpha"].float()) / rank)
     return LoRALayer(down, up, alphas(where, rank) if alphas else 1.0)
 
 
