@@ -340,8 +340,10 @@ def test_adapter_api_errors(pipe, tmp_path):
 @pytest.mark.parametrize("name, metadata, is_lcm", [
     ("lcm-lora-sdv1-5", {}, True), ("LCM_LoRA_Weights_SD15", {}, True), ("style", {}, False),
     ("pytorch_lora_weights", {"modelspec.title": "Latent Consistency LoRA"}, True),
-    ("style", {"ss_output_name": "my_lcm"}, True), ("overlcmx", {"ss_output_name": "alcmost"}, False)])
+    ("style", {"ss_output_name": "my_lcm"}, True), ("overlcmx", {"ss_output_name": "alcmost"}, False),
+    ("lcm-lora-sdv1-5/pytorch_lora_weights", {}, True), ("ink/pytorch_lora_weights", {}, False)])
 def test_lcm_loras_are_recognised_and_the_settings_suggested(pipe, tmp_path, name, metadata, is_lcm):
+    (tmp_path / name).parent.mkdir(exist_ok=True)
     path = write_kohya(tmp_path / f"{name}.safetensors", lora_layers(networks(pipe), text_encoder=()),
                        metadata=metadata)
     assert read_lora_file(path).is_lcm == is_lcm

@@ -93,8 +93,12 @@ class LoRAFile:
 
     @property
     def is_lcm(self) -> bool:
-        """True when the file says it is an LCM-LoRA (Luo et al. 2023), in its name or its metadata."""
-        return any(_LCM_WORDS.search(text) for text in (self.path.stem, *self.metadata.values()))
+        """True when the file says it is an LCM-LoRA (Luo et al. 2023), in its name or its metadata; a file
+        with diffusers' default name is named by its folder, or its Hub cache folder (`models--org--name`)."""
+        names = [self.path.stem]
+        if self.path.name == DIFFUSERS_LORA_FILE:
+            names = [self.path.parent.name, *(part for part in self.path.parts if part.startswith("models--"))]
+        return any(_LCM_WORDS.search(text) for text in (*names, *self.metadata.values()))
 
 
 def resolve_lora_path(path: str | Path) -> Path:
