@@ -68,8 +68,8 @@ def load_both(both, path, name):
 def test_kohya_lora_matches_diffusers(both, base, tmp_path, case):
     ours = both[1]
     if case == "locon":          # 3x3 down convs, two ranks: kohya's conv_dim beside network_dim
-        layers = {**lora_layers(networks(ours), rank=4), **lora_layers(networks(ours), unet=CONV,
-                                                                       text_encoder=(), rank=2, seed=1)}
+        convs = lora_layers(networks(ours), unet=CONV, text_encoder=(), rank=2, seed=1, std=0.08)
+        layers = {**lora_layers(networks(ours), rank=4), **convs}
     else:
         layers = lora_layers(networks(ours), unet=ATTENTION if case == "unet+text" else ())
     load_both(both, write_kohya(tmp_path / "kohya.safetensors", layers, alpha=2.0), "kohya")
@@ -77,7 +77,7 @@ def test_kohya_lora_matches_diffusers(both, base, tmp_path, case):
 
 
 def test_peft_lora_matches_diffusers(both, base, tmp_path):
-    layers = lora_layers(networks(both[1]), unet=ATTENTION + CONV, rank=3)
+    layers = lora_layers(networks(both[1]), unet=ATTENTION + CONV, rank=3, std=0.08)
     load_both(both, write_peft(tmp_path / "peft.safetensors", layers, alpha=6.0), "peft")
     assert_same_changed_images(*both, base)
 
@@ -87,7 +87,7 @@ def test_two_loras_with_weights_and_fusing_match_diffusers(both, base, tmp_path)
     load_both(both, write_kohya(tmp_path / "a.safetensors", lora_layers(networks(ours), seed=2), alpha=1.0),
               "a")
     load_both(both, write_peft(tmp_path / "b.safetensors", lora_layers(networks(ours), unet=ATTENTION + CONV,
-                                                                        seed=3)), "b")
+                                                                        seed=3, std=0.08)), "b")
     for pipe in both:
         pipe.set_adapters(["a", "b"], adapter_weights=[0.7, 0.4])
     assert_same_changed_images(*both, base)
