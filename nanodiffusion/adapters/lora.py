@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nanodiffusion.adapters.lora_files import LoRAFile, LoRALayer, read_lora_file, resolve_lora_path
+from nanodiffusion.adapters.lora_files import (DIFFUSERS_LORA_FILE, LoRAFile, LoRALayer, read_lora_file,
+                                               resolve_lora_path)
 from nanodiffusion.adapters.lora_targets import resolve_targets
 from nanodiffusion.errors import UserError
 from nanodiffusion.weights import file_pages
@@ -56,8 +57,7 @@ class LoRAAdapters:
         name, by default the file's stem (A1111's `<lora:NAME:W>` name)."""
         self._check_unfused("load_lora_weights")
         path = resolve_lora_path(path)
-        name = adapter_name or (path.parent.name if path.name == "pytorch_lora_weights.safetensors"
-                                else path.stem)
+        name = adapter_name or (path.parent.name if path.name == DIFFUSERS_LORA_FILE else path.stem)
         if name in self.adapters:
             raise UserError(f"adapter name {name!r} is already loaded: pass another adapter_name, or "
                             "unload_lora_weights() first")
@@ -78,7 +78,9 @@ class LoRAAdapters:
             raise UserError("adapter_weights per UNet block (a dict) are not supported: pass one number per "
                             "adapter")
         else:
-            weights = [float(weight) for weight in adapter_weights]
+            weights = list(adapter_weights)
+        if not all(isinstance(weight, (int, float)) for weight in weights):
+            raise UserError(f"adapter_weights must be numbers, got {adapter_weights!r}")
         if len(weights) != len(names):
             raise UserError(f"got {len(names)} adapter names but {len(weights)} adapter_weights")
         unknown = [name for name in names if name not in self.adapters]
@@ -86,7 +88,7 @@ class LoRAAdapters:
             raise UserError(f"unknown adapter {unknown[0]!r}; loaded: {', '.join(self.adapters) or 'none'}")
         if len(set(names)) != len(names):
             raise UserError(f"adapter names repeat: {names}")
-        self.active = dict(zip(names, weights))
+        self.active = {name: float(weight) for name, weight in zip(names, weights)}
         self._apply()
 
     def get_active_adapters(self) -> list[str]:
