@@ -17,6 +17,7 @@ FLOORS = [
     {"images", "tokenizer"},
     {"nets", "diffusion", "data", "control_images"},
     {"weights"},
+    {"adapters"},
     {"pipelines"},
     {"evaluation"},
     {"training", "server"},

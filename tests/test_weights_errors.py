@@ -209,3 +209,14 @@ def test_missing_path_is_not_taken_for_a_repo_id(tmp_path):
         load_sd(tmp_path / "nothing.safetensors")
     with pytest.raises(UserError, match="no such model file or folder"):
         load_sd("models/v1-5.ckpt")
+
+
+def test_safetensors_whose_header_length_starts_with_byte_0x80_is_not_a_pickle(tmp_path):
+    from nanodiffusion.weights.safe_load import SAFETENSORS, sniff
+    for length in range(1, 300):                           # a header length 0x..80 starts like a pickle
+        save_file({"x" * length: torch.zeros(1)}, str(tmp_path / "a.safetensors"), metadata={"k": "v" * 80})
+        if (tmp_path / "a.safetensors").read_bytes()[0] == 0x80:
+            break
+    else:
+        pytest.fail("no header length ending in 0x80 was written")
+    assert sniff(tmp_path / "a.safetensors") == SAFETENSORS

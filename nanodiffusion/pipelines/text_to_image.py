@@ -8,6 +8,7 @@ stochastic samplers' step noise. diffusers' StableDiffusionPipeline draws the sa
 from one generator, so both give the same images (tests/test_pipeline_parity.py).
 """
 
+import functools
 import random
 import warnings
 from dataclasses import replace
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from nanodiffusion.adapters import LoRAAdapters, load_textual_inversion
 from nanodiffusion.diffusion.denoisers import (
     Denoiser, cfg_denoiser, inpainting_denoiser, lcm_boundary_condition,
 )
@@ -343,3 +345,34 @@ class TextToImage:
         if output_type == "np":
             return (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()     # (N, H, W, 3)
         return to_pil(images)
+
+    # LoRA and textual inversion (nanodiffusion/adapters), under diffusers' method names.
+    @functools.cached_property
+    def lora(self) -> LoRAAdapters:
+        """The LoRAs loaded into the UNet and the text encoder (see adapters/lora.py)."""
+        return LoRAAdapters({"unet": self.unet, "text_encoder": self.text_encoder})
+
+    def load_lora_weights(self, path: str | Path, adapter_name: str | None = None) -> str:
+        """Load a LoRA file (kohya/A1111 or diffusers/PEFT) as the one active adapter; returns its name."""
+        return self.lora.load_lora_weights(path, adapter_name)
+
+    def set_adapters(self, adapter_names: str | list[str],
+                     adapter_weights: float | list[float] | None = None) -> None:
+        """Make exactly these loaded LoRAs active, each with its weight."""
+        self.lora.set_adapters(adapter_names, adapter_weights)
+
+    def fuse_lora(self, lora_scale: float = 1.0) -> None:
+        """Fix the active LoRAs into the weights, times `lora_scale`."""
+        self.lora.fuse_lora(lora_scale)
+
+    def unfuse_lora(self) -> None:
+        """Undo fuse_lora: the active LoRAs at their own weights."""
+        self.lora.unfuse_lora()
+
+    def unload_lora_weights(self) -> None:
+        """Forget every LoRA: the original weights come back exactly (the fused ones stay after fuse_lora)."""
+        self.lora.unload_lora_weights()
+
+    def load_textual_inversion(self, path: str | Path, token: str | None = None) -> str:
+        """Add a textual-inversion embedding to the tokenizer and text encoder; returns its prompt token."""
+        return load_textual_inversion(self.text_encoder, self.tokenizer, path, token)
