@@ -31,6 +31,7 @@ from nanodiffusion.pipelines.metadata import read_settings  # noqa: E402
 from nanodiffusion.pipelines.text_to_image import GenerationRequest, TextToImageOutput  # noqa: E402
 from nanodiffusion.server.app import create_app  # noqa: E402
 from nanodiffusion.server.generation import ServedModel  # noqa: E402
+from nanodiffusion.server.service import ServerSettings  # noqa: E402
 from tiny_sd import tiny_ours  # noqa: E402
 
 MODEL = ServedModel("tiny-sd", Path("tiny-sd"), "0123456789", "fp32", "cpu")
@@ -47,7 +48,7 @@ def pipe():
 
 @pytest.fixture(scope="module")
 def client(pipe):
-    with TestClient(create_app(pipe, MODEL, queue_size=4)) as client:
+    with TestClient(create_app(pipe, MODEL, ServerSettings(queue_size=4))) as client:
         yield client
 
 
@@ -62,6 +63,7 @@ class FakePipe:
     hands out with `allow(n)`; it fails on prompts that start with "fail"."""
 
     native_size = 16
+    generation_defaults = {}
 
     def __init__(self, step_seconds: float = 0.0, gated: bool = False):
         self.step_seconds, self.gated = step_seconds, gated
@@ -154,7 +156,7 @@ def test_any_unicode_prompt_round_trips_into_the_png(client, prompt):
 @pytest.mark.parametrize("change, field", [
     ({"steps": 0}, "steps"), ({"steps": 151}, "steps"), ({"steps": "20"}, "steps"), ({"steps": 2.5}, "steps"),
     ({"cfg_scale": -1}, "cfg_scale"), ({"cfg_scale": "high"}, "cfg_scale"), ({"width": 20}, "width"),
-    ({"height": 4096}, "height"), ({"width": 0}, "width"), ({"batch_size": 5}, "batch_size"),
+    ({"height": 4096}, "height"), ({"width": 0}, "width"), ({"batch_size": 9}, "batch_size"),
     ({"batch_size": 0}, "batch_size"), ({"n_iter": 9}, "n_iter"), ({"seed": -2}, "seed"),
     ({"seed": 2**32}, "seed"), ({"prompt": 7}, "prompt"), ({"prompt": "x" * 10_001}, "prompt"),
     ({"prompt": "a\x00b"}, "prompt"), ({"sampler_name": "Eulerr"}, "sampler_name"),
@@ -212,7 +214,7 @@ def test_listing_endpoints_and_openapi(client):
     assert model["title"] == "tiny-sd [0123456789]" and model["hash"] == "0123456789"
     assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == model["title"]
     info = client.get("/api/info").json()
-    assert info["native_size"] == 16 and info["max_images"] == 4
+    assert info["native_size"] == 16 and info["max_images"] == 8
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/sdapi/v1/txt2img", "/sdapi/v1/progress", "/sdapi/v1/interrupt", "/api/jobs"} <= set(paths)
     page = client.get("/")
@@ -239,7 +241,7 @@ def test_job_api_progress_and_png_download(client):
 
 def test_progress_and_cancel_answer_while_a_job_runs():
     fake = FakePipe(gated=True)
-    with TestClient(create_app(fake, MODEL, queue_size=2)) as client:
+    with TestClient(create_app(fake, MODEL, ServerSettings(queue_size=2))) as client:
         running = client.post("/api/jobs", json={"prompt": "slow", "steps": 4}).json()["id"]
         waiting = client.post("/api/jobs", json={"prompt": "next", "steps": 1}).json()["id"]
         fake.allow(1)                                     # the job then waits inside its second step
@@ -259,7 +261,7 @@ def test_progress_and_cancel_answer_while_a_job_runs():
 
 def test_a_waiting_job_is_cancelled_at_once():
     fake = FakePipe(gated=True)
-    with TestClient(create_app(fake, MODEL, queue_size=2)) as client:
+    with TestClient(create_app(fake, MODEL, ServerSettings(queue_size=2))) as client:
         client.post("/api/jobs", json={"prompt": "slow", "steps": 1})
         waiting = client.post("/api/jobs", json={"prompt": "next", "steps": 1}).json()["id"]
         assert client.delete(f"/api/jobs/{waiting}").json()["state"] == "cancelled"
@@ -296,7 +298,7 @@ def test_a_failing_job_is_a_500_and_the_worker_goes_on():
 
 def test_a_full_queue_answers_429_with_retry_after():
     fake = FakePipe(gated=True)
-    with TestClient(create_app(fake, MODEL, queue_size=1)) as client:
+    with TestClient(create_app(fake, MODEL, ServerSettings(queue_size=1))) as client:
         first = client.post("/api/jobs", json={"prompt": "slow", "steps": 1})
         assert fake.running.wait(WAIT)                                   # running: the queue is empty
         second = client.post("/api/jobs", json={"prompt": "waits", "steps": 1})
