@@ -50,7 +50,7 @@ class Txt2ImgRequest(BaseModel):
     prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
     steps: int | None = Field(None, ge=1, description="default: the model's")
-    cfg_scale: float | None = Field(None, ge=0, le=100, description="default: the model's")
+    cfg_scale: float | None = Field(None, ge=0, le=30, description="default: the model's")
     seed: int = Field(-1, ge=-1, lt=2**32, description="-1: a random seed")
     width: int | None = Field(None, ge=8, multiple_of=8, description="default: the model's native size")
     height: int | None = Field(None, ge=8, multiple_of=8, description="default: the model's native size")

@@ -9,7 +9,7 @@ body size and finite JSON numbers.
 - Body size: 413 beyond the limit, told by Content-Length or, for a body streamed without one, as soon as
   the bytes received pass it. Image uploads get a larger limit than the rest.
 - NaN, Infinity and numbers beyond a float's range are not JSON, though Python's parser reads them: a 422,
-  wherever in the body they are.
+  wherever in the body they are (so are integers too long for any field).
 """
 
 import base64
@@ -20,6 +20,7 @@ import math
 
 LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
 ANY_HOST = "*"
+MAX_INT_DIGITS = 40                 # no field takes more (seeds have 10); Python refuses > 4300 itself
 CHALLENGE = b'Basic realm="nanodiffusion"'
 
 
@@ -29,6 +30,12 @@ class _NotFinite(ValueError):
 
 def _reject_constant(name: str):
     raise _NotFinite(name)
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise _NotFinite(f"a {len(text)}-digit integer")
+    return int(text)
 
 
 def _finite_float(text: str) -> float:
@@ -135,10 +142,10 @@ def _refuse_non_finite(body: bytes) -> list | None:
     """FastAPI's 422 detail when the JSON body holds NaN, Infinity or a number beyond a float's range;
     None otherwise (a body that is not JSON at all is left to FastAPI's own 422)."""
     try:
-        json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
+        json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float, parse_int=_bounded_int)
     except _NotFinite as error:
-        message = (f"the body holds {str(error)[:40]}: JSON numbers must be finite (NaN, Infinity and "
-                   "numbers beyond a float's range are refused)")
+        message = (f"the body holds {str(error)[:40]}: JSON numbers must be finite (NaN, Infinity, numbers "
+                   f"beyond a float's range and integers of more than {MAX_INT_DIGITS} digits are refused)")
         return [{"loc": ["body"], "msg": message, "type": "value_error"}]
     except (ValueError, RecursionError):
         pass
