@@ -5,15 +5,11 @@ for timing.
 """
 
 import argparse
-import base64
 import io
 import json
 import subprocess
 import sys
 import threading
-import time
-from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,15 +24,13 @@ from nanodiffusion.cli import COMMANDS  # noqa: E402
 from nanodiffusion.commands import generate, serve  # noqa: E402
 from nanodiffusion.errors import UserError  # noqa: E402
 from nanodiffusion.pipelines.metadata import read_settings  # noqa: E402
-from nanodiffusion.pipelines.text_to_image import GenerationRequest, TextToImageOutput  # noqa: E402
+from nanodiffusion.pipelines.text_to_image import GenerationRequest  # noqa: E402
 from nanodiffusion.server.app import create_app  # noqa: E402
-from nanodiffusion.server.generation import ServedModel  # noqa: E402
 from nanodiffusion.server.service import ServerSettings  # noqa: E402
+from server_fakes import MODEL, WAIT, FakePipe, png, wait_until  # noqa: E402
 from tiny_sd import tiny_ours  # noqa: E402
 
-MODEL = ServedModel("tiny-sd", Path("tiny-sd"), "0123456789", "fp32", "cpu")
 FAST = {"steps": 2, "width": 16, "height": 16}           # the tiny VAE halves: 8x8 latents
-WAIT = 10.0                                               # seconds before a test gives up on an event
 
 
 @pytest.fixture(scope="module")
@@ -50,51 +44,6 @@ def pipe():
 def client(pipe):
     with TestClient(create_app(pipe, MODEL, ServerSettings(queue_size=4))) as client:
         yield client
-
-
-def png(b64: str) -> Image.Image:
-    image = Image.open(io.BytesIO(base64.b64decode(b64)))
-    image.load()
-    return image
-
-
-class FakePipe:
-    """A pipeline whose steps take `step_seconds`, or, with `gated=True`, each wait for a permit the test
-    hands out with `allow(n)`; it fails on prompts that start with "fail"."""
-
-    native_size = 16
-    generation_defaults = {}
-
-    def __init__(self, step_seconds: float = 0.0, gated: bool = False):
-        self.step_seconds, self.gated = step_seconds, gated
-        self.permits = threading.Semaphore(0)
-        self.running = threading.Event()
-
-    def sigmas(self, sampler: str, num_steps: int, sigma_schedule: str):
-        return None
-
-    def allow(self, steps: int) -> None:
-        for _ in range(steps):
-            self.permits.release()
-
-    def generate(self, request: GenerationRequest, callback=None) -> TextToImageOutput:
-        if request.prompt.startswith("fail"):
-            raise RuntimeError("the fake pipeline fails on purpose")
-        self.running.set()
-        for i in range(request.num_steps):
-            if self.gated:
-                assert self.permits.acquire(timeout=WAIT), "the test handed out too few steps"
-            time.sleep(self.step_seconds)
-            callback(i, None, None)
-        done = replace(request, height=request.height or 16, width=request.width or 16)
-        return TextToImageOutput([Image.new("RGB", (done.width, done.height), (200, 10, 10))], done)
-
-
-def wait_until(condition, timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 def test_txt2img_returns_pngs_with_generate_metadata_that_replay_alone(client, pipe):
