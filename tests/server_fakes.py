@@ -2,19 +2,29 @@
 small waits and decoders."""
 
 import base64
+import contextlib
 import io
+import os
+import queue
+import re
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from nanodiffusion.pipelines.text_to_image import GenerationRequest, TextToImageOutput
 from nanodiffusion.server.generation import ServedModel
+from nanodiffusion.weights import SDComponents, save_diffusers
+from tiny_sd import tiny_ours
 
 MODEL = ServedModel("tiny-sd", Path("tiny-sd"), "0123456789", "fp32", "cpu")
 WAIT = 10.0                                               # seconds before a test gives up on an event
+STARTUP_TIMEOUT = 90.0
 
 
 def png(b64: str) -> Image.Image:
@@ -66,3 +76,46 @@ def wait_until(condition, timeout: float = WAIT) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.01)
+
+
+def save_tiny_model(folder: Path, seed: int = 0) -> Path:
+    """A tiny random model (tiny_sd's) written as a diffusers folder."""
+    pipe = tiny_ours(seed)
+    save_diffusers(SDComponents(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer,
+                                pipe.scheduler_config), folder)
+    return folder
+
+
+@contextlib.contextmanager
+def serve_process(*args: str):
+    """`python -m nanodiffusion serve ARGS` on a free port of 127.0.0.1: yields (base URL, process) once it
+    listens, and ends the process afterwards."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "nanodiffusion", "serve", "--host", "127.0.0.1", "--port", "0", "--device", "cpu",
+         *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{_wait_for_port(process, lines)}", process
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+
+
+def _wait_for_port(process, lines: queue.Queue) -> int:
+    deadline, seen = time.monotonic() + STARTUP_TIMEOUT, []
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            line = lines.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        seen.append(line)
+        found = re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", line)
+        if found:
+            return int(found.group(1))
+    pytest.fail("the server did not start:\n" + "".join(seen))
