@@ -44,6 +44,9 @@ def decode_image(data: str, field: str, max_pixels: int) -> Image.Image:
         image.load()
     except UserError:
         raise
+    except Image.DecompressionBombError as error:          # Pillow's own bound, met before ours
+        raise UserError(f"{field}: the image has more than the {max_pixels} pixels allowed ({error})") \
+            from None
     except Exception as error:                              # Pillow raises many kinds on broken files
         raise UserError(f"{field}: not a readable {'/'.join(FORMATS)} image ({type(error).__name__})") \
             from None
