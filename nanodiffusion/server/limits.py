@@ -20,7 +20,7 @@ class Limits:
     max_size: int = 2048
     max_batch_size: int = 8
     max_batch_count: int = 8
-    max_job_cost: float = 1200.0        # e.g. 8 images x 150 steps at 512x512 with SD v1.5
+    max_job_cost: float = 1250.0        # e.g. 8 images x 150 steps at 512x512 with SD v1.5 (1208)
     max_upload_pixels: int = 4096 * 4096
 
     def __post_init__(self):
