@@ -177,3 +177,13 @@ def test_img2img_with_a_painted_mask(base_url, page, tmp_path):
                            "i.naturalWidth === 40 && i.naturalHeight === 24)")
     page.wait_for_selector("#generate:not([disabled])")
     assert page.text_content("#status").startswith("done in") and page.is_hidden("#error")
+
+
+def test_the_api_docs_page_works_offline(base_url, page):
+    outside = []
+    page.on("request", lambda request: outside.append(request.url)
+            if not request.url.startswith(base_url) else None)
+    page.goto(f"{base_url}/docs")
+    page.wait_for_selector("h2:has-text('/sdapi/v1/img2img')")
+    assert page.locator("h2:has-text('/sdapi/v1/img2img') + p + table td:text-is('denoising_strength')").count()
+    assert outside == []                                                  # nothing from a CDN
