@@ -1,7 +1,9 @@
 """What the server's stop checks and live previews cost, and how soon a stop takes effect (issues 13 and 14).
 
 Runs the server's worker function (`server.generation.run_job`) on the built-in text-to-image model:
-    hooks       seconds per image with and without the stop checks before every conv/linear layer
+    checks      the cost of one stop check (a tiny Linear called with and without it, best of several
+                rounds: robust on a busy machine) times the checks per UNet pass, against a pass; and
+                seconds per image with and without the checks
     previews    seconds per image with previews off and within the default budget (5 % of sampling time)
     stop        the time from a cancel request to the job's end, asked half-way through a step; against it,
                 a whole step (the old bound: a stop waited for the step to end) and the slowest layer
@@ -62,6 +64,25 @@ def worker(pipe, request, previews: Previews):
     return lambda seed: run_job(pipe, MODEL, Job(replace(request, seed=seed), 1, request.num_steps), previews)
 
 
+def check_overhead_seconds(rounds: int = 7, calls: int = 5000) -> float:
+    """Seconds one stop check adds to a layer call: a tiny Linear with and without it, best of `rounds`."""
+    layer, x = torch.nn.Linear(4, 4), torch.randn(1, 4)
+
+    def best() -> float:
+        times = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            for _ in range(calls):
+                layer(x)
+            times.append((time.perf_counter() - start) / calls)
+        return min(times)
+
+    with torch.no_grad():
+        plain = best()
+        with checked([layer], lambda: None):
+            return best() - plain
+
+
 def slowest_layer(pipe, request) -> float:
     """The longest single conv/linear forward of one image (what bounds the time to a stop)."""
     longest, started = [0.0], {}
@@ -112,8 +133,11 @@ def main() -> None:
     print(f"built-in model, {args.size}x{args.size}, {args.steps} steps, {torch.get_num_threads()} thread(s)")
     plain = median_seconds(generate(pipe, request, hooks=False), args.repeats)
     hooked = median_seconds(generate(pipe, request, hooks=True), args.repeats)
-    print(f"stop checks: {plain:.3f} s -> {hooked:.3f} s per image ({(hooked / plain - 1) * 100:+.1f} %), "
-          f"{sum(isinstance(m, CHECKED_LAYERS) for m in pipe.unet.modules())} checks per UNet pass")
+    checks = sum(isinstance(m, CHECKED_LAYERS) for m in pipe.unet.modules())
+    per_check = check_overhead_seconds()
+    print(f"stop checks: {per_check * 1e6:.2f} us each, {checks} per UNet pass: {per_check * checks * 1e3:.2f} ms "
+          f"per pass, {per_check * checks * args.steps / plain:.2%} of an image; wall clock {plain:.3f} s -> "
+          f"{hooked:.3f} s per image ({(hooked / plain - 1) * 100:+.1f} %)")
     without = median_seconds(worker(pipe, request, Previews(0.0)), args.repeats)
     counted = CountedPreviews(PREVIEW_BUDGET)
     with_previews = median_seconds(worker(pipe, request, counted), args.repeats)

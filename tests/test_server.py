@@ -287,3 +287,19 @@ def test_the_package_and_other_commands_work_without_fastapi():
             "from nanodiffusion.cli import build_parser; build_parser().parse_args(['info', 'x.png'])\n"
             "import nanodiffusion.commands.serve")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_large_images_are_decoded_in_tiles_that_the_png_records(client, pipe, monkeypatch):
+    from nanodiffusion.server import generation
+    monkeypatch.setattr(generation, "VAE_TILE", 32)                # latent pixels; the tiny VAE halves
+    answer = client.post("/sdapi/v1/txt2img", json={"prompt": "a wide one", "steps": 2, "width": 80,
+                                                     "height": 16, "seed": 4})
+    image = png(answer.json()["images"][0])
+    settings = read_settings(image.text, "answer")
+    assert settings["vae_tile"] == 32
+    pipe.vae_tile_size = 32
+    try:
+        expected = pipe.generate(GenerationRequest.from_dict(settings["request"])).images[0]
+    finally:
+        pipe.vae_tile_size = None
+    assert np.array_equal(np.asarray(expected), np.asarray(image.convert("RGB")))

@@ -20,6 +20,9 @@ from nanodiffusion.server.jobs import CANCEL, SKIP, GeneratedImage, Job, Stopped
 
 PREVIEW_BUDGET = 0.05           # previews may take this fraction of the sampling time
 PREVIEW_SIZE = 256              # previews are PNGs of at most this many pixels along a side
+# Larger latents are decoded in tiles of this many latent pixels: a whole SD decode at 2048x2048 holds several
+# 2 GB feature maps, which must not take the server down; the PNG records the tiling, so it still replays.
+VAE_TILE = 128
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,9 @@ def run_job(pipe, model: ServedModel, job: Job, previews: Previews | None = None
                 previews.spend(time.perf_counter() - started)
 
         job.step_done(k, 0)
+        tile = _vae_tile(pipe, request)
+        if hasattr(pipe, "vae_tile_size"):
+            pipe.vae_tile_size = tile
         previews.start()
         try:
             with checked(_networks(pipe), job.check_stop):
@@ -87,11 +93,17 @@ def run_job(pipe, model: ServedModel, job: Job, previews: Previews | None = None
                 job.clear_skip()
                 continue
             image, done, stopped = to_pil(pipe.decode_latents(latest[0]))[0], request, stop
-        job.images.append(_encode(model, edit.finish(image) if edit else image, done, stopped is not None))
+        job.images.append(_encode(model, edit.finish(image) if edit else image, done, stopped is not None, tile))
         job.preview = None
         if stopped is not None and stopped.kind != SKIP:
             raise stopped
         job.clear_skip()
+
+
+def _vae_tile(pipe, request) -> int | None:
+    """VAE_TILE for latents larger than it, else None (a whole decode)."""
+    factor = getattr(pipe, "vae_factor", None)
+    return VAE_TILE if factor and max(request.height, request.width) // factor > VAE_TILE else None
 
 
 def _networks(pipe) -> list:
@@ -113,12 +125,12 @@ def _preview_png(pipe, denoised, edit) -> bytes:
     return png_bytes(image, {})
 
 
-def _encode(model: ServedModel, image, done, partial: bool) -> GeneratedImage:
-    """The PNG with `generate`'s metadata (a partial image says at which step it stopped)."""
+def _encode(model: ServedModel, image, done, partial: bool, vae_tile: int | None) -> GeneratedImage:
+    """The PNG with `generate`'s metadata (a partial image says that it is one)."""
     parameters = a1111_parameters(done, resolve_sampler(done.sampler), model.name, model.hash)
     text = {PARAMETERS_KEY: parameters + (", Interrupted: true" if partial else ""),
             SETTINGS_KEY: settings_json(done, model=model.argument, model_hash=model.hash,
-                                        dtype=model.dtype, device=model.device)}
+                                        dtype=model.dtype, device=model.device, vae_tile=vae_tile)}
     return GeneratedImage(png_bytes(image, text), done.seed, text[PARAMETERS_KEY], done, partial)
 
 
