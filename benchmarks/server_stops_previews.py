@@ -121,7 +121,8 @@ def stop_latency(pipe, request, step_seconds: float) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
@@ -135,16 +136,16 @@ def main() -> None:
     hooked = median_seconds(generate(pipe, request, hooks=True), args.repeats)
     checks = sum(isinstance(m, CHECKED_LAYERS) for m in pipe.unet.modules())
     per_check = check_overhead_seconds()
-    print(f"stop checks: {per_check * 1e6:.2f} us each, {checks} per UNet pass: {per_check * checks * 1e3:.2f} ms "
-          f"per pass, {per_check * checks * args.steps / plain:.2%} of an image; wall clock {plain:.3f} s -> "
+    print(f"stop checks: {per_check * 1e6:.2f} us each, {checks} per UNet pass: "
+          f"{per_check * checks * 1e3:.2f} ms per pass, {per_check * checks * args.steps / plain:.2%} of an image; wall clock {plain:.3f} s -> "
           f"{hooked:.3f} s per image ({(hooked / plain - 1) * 100:+.1f} %)")
     without = median_seconds(worker(pipe, request, Previews(0.0)), args.repeats)
     counted = CountedPreviews(PREVIEW_BUDGET)
     with_previews = median_seconds(worker(pipe, request, counted), args.repeats)
     images = args.repeats + 1
     print(f"previews ({PREVIEW_BUDGET:.0%} budget): {without:.3f} s -> {with_previews:.3f} s per image "
-          f"({(with_previews / without - 1) * 100:+.1f} %, wall clock); {counted.count / images:.1f} previews "
-          f"per image took {counted.seconds / images:.3f} s of it ({counted.seconds / images / without:.1%})")
+          f"({(with_previews / without - 1) * 100:+.1f} %, wall clock); "
+          f"{counted.count / images:.1f} previews per image took {counted.seconds / images:.3f} s of it ({counted.seconds / images / without:.1%})")
     step = plain / args.steps
     latencies = [stop_latency(pipe, request, step) for _ in range(args.repeats)]
     print(f"stop: {min(latencies) * 1e3:.1f}-{max(latencies) * 1e3:.1f} ms after the request; a step takes "

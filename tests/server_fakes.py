@@ -92,8 +92,8 @@ def serve_process(*args: str):
     listens, and ends the process afterwards."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "nanodiffusion", "serve", "--host", "127.0.0.1", "--port", "0", "--device", "cpu",
-         *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        [sys.executable, "-m", "nanodiffusion", "serve", "--host", "127.0.0.1", "--port", "0",
+         "--device", "cpu", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
     try:

@@ -1,6 +1,6 @@
 """Model folders moved between diffusers and nanodiffusion, with each side's defaults (issue 14):
-diffusers' default `StableDiffusionPipeline.from_pretrained(folder)` call on the shipped built-in folder and on
-an fp16 export (transformers 5 would keep an fp16 text encoder in fp16 beside diffusers' fp32 UNet unless the
+diffusers' default `StableDiffusionPipeline.from_pretrained(folder)` call on the shipped built-in folder and
+on an fp16 export (transformers 5 would keep an fp16 text encoder in fp16 beside diffusers' fp32 UNet unless the
 config declares float32), and folders that diffusers' `save_pretrained` writes with the tokenizer as
 tokenizer.json only, whose context length must be read from what the folder states.
 """
@@ -42,7 +42,8 @@ def shipped():
 def tokenizer_json(tmp_path_factory):
     """The built-in tokenizer as transformers 5 saves it: tokenizer.json and tokenizer_config.json."""
     folder = tmp_path_factory.mktemp("tokenizer")
-    transformers.CLIPTokenizer.from_pretrained(BUILTIN_MODELS["builtin"] / "tokenizer").save_pretrained(folder)
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(BUILTIN_MODELS["builtin"] / "tokenizer")
+    tokenizer.save_pretrained(folder)
     assert not (folder / "vocab.json").exists()
     return folder
 
@@ -64,8 +65,8 @@ def test_diffusers_default_call_on_the_shipped_folder_draws_our_images(ours, shi
 
 def test_an_fp16_export_loads_with_diffusers_defaults(tmp_path):
     pipe = tiny_ours().to(dtype=torch.float16)
-    save_diffusers(SDComponents(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler_config),
-                   tmp_path / "fp16")
+    components = SDComponents(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler_config)
+    save_diffusers(components, tmp_path / "fp16")
     reference = diffusers_default(tmp_path / "fp16")
     assert reference.text_encoder.dtype == torch.float32
     images = reference("a cat", num_inference_steps=2, height=16, width=16, output_type="np").images
@@ -108,4 +109,5 @@ def test_the_context_length_is_read_from_wherever_the_folder_states_it(tmp_path,
     (tokenizer_folder / "tokenizer.json").write_text(json.dumps(stored))
     tokenizer = read_tokenizer(tokenizer_folder)
     assert tokenizer.model_max_length == 24                  # the text encoder's 24 positions in the last case
-    assert tokenizer("a cat").tolist() == CLIPTokenizer.from_pretrained(BUILTIN_MODELS["builtin"])("a cat").tolist()
+    shipped = CLIPTokenizer.from_pretrained(BUILTIN_MODELS["builtin"])
+    assert tokenizer("a cat").tolist() == shipped("a cat").tolist()

@@ -50,7 +50,7 @@ RAW_BODIES = [                              # (path, raw JSON body, what the ans
     ("/sdapi/v1/txt2img", b'"a cat"', ""),
     ("/sdapi/v1/txt2img", b"", ""),
     ("/sdapi/v1/txt2img", b'{"prompt": "x"', ""),
-    ("/sdapi/v1/img2img", b'{"init_images": ["' + INIT.encode() + b'"], "denoising_strength": NaN}', "finite"),
+    ("/sdapi/v1/img2img", b'{"init_images": ["%s"], "denoising_strength": NaN}' % INIT.encode(), "finite"),
     ("/sdapi/v1/options", b'{"CLIP_stop_at_last_layers": NaN}', "finite"),
     ("/sdapi/v1/options", b"[1, 2]", ""),
     ("/sdapi/v1/png-info", b"{}", "image"),

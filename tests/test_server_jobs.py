@@ -21,6 +21,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from nanodiffusion.images import to_pil  # noqa: E402
 from nanodiffusion.pipelines.text_to_image import GenerationRequest  # noqa: E402
 from nanodiffusion.server.app import create_app  # noqa: E402
+from nanodiffusion.server import generation  # noqa: E402
 from nanodiffusion.server.generation import run_job  # noqa: E402
 from nanodiffusion.server.jobs import CANCEL, CANCELLED, DONE, INTERRUPT, SKIP, Job, JobQueue  # noqa: E402
 from nanodiffusion.server.service import ServerSettings  # noqa: E402
@@ -90,9 +91,10 @@ def test_a_cancel_stops_inside_the_unets_forward_pass(pipe):
     assert gate.after_stop == 0                # not one more layer ran: the held one did not either
 
 
-def test_a_cancel_stops_between_and_inside_vae_tiles():
+def test_a_cancel_stops_between_and_inside_vae_tiles(monkeypatch):
     pipe = tiny_ours()
-    pipe.vae_tile_size, pipe.vae_tile_overlap = 4, 1               # 8x8 latents: 3x3 tiles
+    monkeypatch.setattr(generation, "VAE_TILE", 4)                  # 8x8 latents: 3x3 tiles
+    pipe.vae_tile_overlap = 1
     decoder_in = first_conv(pipe.vae.decoder)
     gate = LayerGate(pipe.vae.decoder, decoder_in, call=2)         # the second tile of the final decode
     job = run_gated(pipe, gate, CANCEL)
@@ -179,8 +181,8 @@ def test_a_txt2img_call_whose_client_goes_away_is_cancelled():
     port = server.servers[0].sockets[0].getsockname()[1]
     body = json.dumps({"prompt": "abandoned", "steps": 3}).encode()
     with socket.create_connection(("127.0.0.1", port)) as client:
-        client.sendall(b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                       b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        client.sendall(b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                       b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
         assert fake.running.wait(WAIT)
         job = app.state.service.queue.current
     wait_until(lambda: job.cancel_requested)                  # the socket closed: the job is asked to stop

@@ -1,5 +1,5 @@
-"""Serve a Stable Diffusion v1.x model over HTTP: a web page (prompt, settings, previews, img2img, gallery) and
-AUTOMATIC1111's API (POST /sdapi/v1/txt2img, /sdapi/v1/img2img, GET /sdapi/v1/progress, ...), so A1111
+"""Serve a Stable Diffusion v1.x model over HTTP: a web page (prompt, settings, previews, img2img, gallery)
+and AUTOMATIC1111's API (POST /sdapi/v1/txt2img, /sdapi/v1/img2img, GET /sdapi/v1/progress, ...), so A1111
 clients work unchanged.
 
 Generations run one at a time from a bounded queue; when it is full the server answers 429. It binds to
@@ -36,7 +36,8 @@ def add_arguments(p) -> None:
     p.add_argument("--models-dir", action="append", default=[], metavar="DIR",
                    help="a folder of models (diffusers folders, .safetensors files) that clients may switch "
                         "to by name; repeatable")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind; beyond localhost --api-key is required")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind; beyond localhost --api-key is required")
     p.add_argument("--port", type=int, default=7860, help="port (A1111's default); 0: a free one")
     p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                    help="also answer requests whose Host header names NAME (the bound address and localhost "
@@ -47,7 +48,8 @@ def add_arguments(p) -> None:
     p.add_argument("--queue-size", type=int, default=8,
                    help="jobs that may wait besides the running one; more get HTTP 429")
     p.add_argument("--keep-jobs", type=int, default=100, help="finished jobs kept retrievable (count)")
-    p.add_argument("--keep-minutes", type=float, default=60.0, help="finished jobs kept retrievable (minutes)")
+    p.add_argument("--keep-minutes", type=float, default=60.0,
+                   help="finished jobs kept retrievable (minutes)")
     defaults = Limits()
     for name, (kind, what) in LIMIT_FLAGS.items():
         p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=getattr(defaults, name),
@@ -105,14 +107,15 @@ def _settings(args, limits, settings_class):
         raise UserError(f"--keep-jobs must be >= 1 and --keep-minutes > 0, got {args.keep_jobs} and "
                         f"{args.keep_minutes}")
     if args.host not in LOCAL_HOSTS and not args.api_key:
-        raise UserError(f"--host {args.host} lets other machines reach the server: give --api-key KEY (or set "
-                        f"${API_KEY_ENV}) so that only those who know it can use it")
+        raise UserError(f"--host {args.host} lets other machines reach the server: give --api-key KEY (or "
+                        f"set ${API_KEY_ENV}) so that only those who know it can use it")
     wildcard = args.host in ("0.0.0.0", "::", "")
     allowed = frozenset((*LOCAL_HOSTS, *([] if wildcard else [args.host.lower()]),
                          *(name.lower() for name in args.allowed_host)))
     flags = {"host": args.host, "port": args.port, "models_dir": [Path(d).name for d in args.models_dir],
              "allowed_host": args.allowed_host, "api_key": bool(args.api_key), "queue_size": args.queue_size,
-             "dtype": args.dtype, "device": args.device, **{name: getattr(args, name) for name in LIMIT_FLAGS}}
+             "dtype": args.dtype, "device": args.device,
+             **{name: getattr(args, name) for name in LIMIT_FLAGS}}
     return settings_class(limits=limits, queue_size=args.queue_size, keep_jobs=args.keep_jobs,
                           keep_minutes=args.keep_minutes, allowed_hosts=allowed, api_key=args.api_key or None,
                           flags=flags)

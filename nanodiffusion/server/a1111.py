@@ -171,7 +171,7 @@ class Img2ImgRequest(Txt2ImgRequest):
     mask_round: bool = True
     inpainting_mask_invert: bool | int = 0
     inpainting_fill: int = Field(0, ge=0, le=3, description="0 fill, 1 original (2, 3: refused)")
-    inpaint_full_res: bool | int = Field(True, description="true: paint the masked region alone, at full size")
+    inpaint_full_res: bool | int = Field(True, description="true: paint the masked region alone, full size")
     inpaint_full_res_padding: int = Field(0, ge=0, le=1024)
     initial_noise_multiplier: float = Field(1.0, description="only 1 is supported")
     latent_mask: str | None = Field(None, description="not supported")

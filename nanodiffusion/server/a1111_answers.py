@@ -81,8 +81,8 @@ def schedulers() -> list[dict]:
 
 def sd_models(registry) -> list[dict]:
     """`GET /sdapi/v1/sd-models`: every model the server can load; `filename` relative to its folder."""
-    return [{"title": registry.title(entry), "model_name": entry.name, "hash": registry.hashes.get(entry.path),
-             "sha256": None, "filename": entry.filename, "config": None}
+    return [{"title": registry.title(entry), "model_name": entry.name,
+             "hash": registry.hashes.get(entry.path), "sha256": None, "filename": entry.filename, "config": None}
             for entry in registry.entries.values()]
 
 

@@ -14,7 +14,9 @@ from nanodiffusion.server import a1111_answers as answers
 from nanodiffusion.server.a1111 import CLIP_SKIP_SETTING, Img2ImgRequest, Txt2ImgRequest
 from nanodiffusion.server.a1111_images import decode_image, prepare, read_mask
 from nanodiffusion.server.jobs import FAILED, INTERRUPT, SKIP, Job
-from nanodiffusion.server.service import AsciiJSONResponse, ModelSwitch, Service, dumps, queue_or_429, user_error
+from nanodiffusion.server.service import (
+    AsciiJSONResponse, ModelSwitch, Service, dumps, queue_or_429, user_error,
+)
 
 IMG2IMG_PATH = "/sdapi/v1/img2img"
 PNG_INFO_PATH = "/sdapi/v1/png-info"
@@ -28,7 +30,12 @@ class PngInfoRequest(BaseModel):
 
 
 def add_a1111_routes(app: FastAPI, service: Service) -> None:
-    queue, registry = service.queue, service.registry
+    _add_generation_routes(app, service)
+    _add_model_routes(app, service)
+
+
+def _add_generation_routes(app: FastAPI, service: Service) -> None:
+    queue = service.queue
 
     @app.post("/sdapi/v1/txt2img", tags=["a1111"])
     async def txt2img(body: Txt2ImgRequest, request: Request):
@@ -59,7 +66,7 @@ def add_a1111_routes(app: FastAPI, service: Service) -> None:
 
     @app.post("/sdapi/v1/interrupt", tags=["a1111"])
     async def interrupt():
-        """Stop the running job now; its call answers with the images made, the current one as far as it got."""
+        """Stop the running job now: its call answers with the images made, the last as far as it got."""
         if queue.current is not None:
             queue.cancel(queue.current, INTERRUPT)
         return {}
@@ -70,6 +77,10 @@ def add_a1111_routes(app: FastAPI, service: Service) -> None:
         if queue.current is not None:
             queue.cancel(queue.current, SKIP)
         return {}
+
+
+def _add_model_routes(app: FastAPI, service: Service) -> None:
+    registry = service.registry
 
     @app.get("/sdapi/v1/options", tags=["a1111"])
     async def get_options():
@@ -165,7 +176,8 @@ async def _set_options(service: Service, body: dict, request: Request):
         return None
     job = service.queue.submit(Job(ModelSwitch(checkpoint), 1, 1), force=True)
     if not await service.wait(job, request):
-        return AsciiJSONResponse({"detail": "the client went away: the switch was cancelled"}, status_code=499)
+        return AsciiJSONResponse({"detail": "the client went away: the switch was cancelled"},
+                                 status_code=499)
     if job.state == FAILED:
         return AsciiJSONResponse(user_error(UserError(f"sd_model_checkpoint: {job.error}")), status_code=422)
     return None

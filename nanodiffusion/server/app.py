@@ -1,8 +1,8 @@
 """The web server: AUTOMATIC1111's API (`/sdapi/v1/...`, `a1111_routes.py`), our small job API (`/api/jobs`)
 and the web page.
 
-`create_app(pipe, model, settings)` builds the FastAPI app around a TextToImage pipeline; `nanodiffusion serve`
-runs it with uvicorn. Generations run one at a time on the job queue's worker thread (`jobs.py`), never in the
+`create_app(pipe, model, settings)` builds the FastAPI app around a TextToImage pipeline; `nanodiffusion
+serve` runs it with uvicorn. Generations run one at a time on the job queue's worker thread (`jobs.py`), never in the
 event loop, so progress, cancel and the page answer while an image is being made. API docs: `/docs` (a page
 of our own, offline) and `/openapi.json`.
 """
@@ -96,6 +96,12 @@ def _add_job_routes(app: FastAPI, service: Service) -> None:
         """Queue an img2img or inpainting job (the img2img body)."""
         edits = await prepare_edits(service, body)
         return edits if isinstance(edits, Response) else await submit(body, edits)
+
+    _add_job_result_routes(app, service)
+
+
+def _add_job_result_routes(app: FastAPI, service: Service) -> None:
+    queue = service.queue
 
     @app.get("/api/jobs/{job_id}", tags=["jobs"])
     async def status(job_id: str):

@@ -93,7 +93,8 @@ def run_job(pipe, model: ServedModel, job: Job, previews: Previews | None = None
                 job.clear_skip()
                 continue
             image, done, stopped = to_pil(pipe.decode_latents(latest[0]))[0], request, stop
-        job.images.append(_encode(model, edit.finish(image) if edit else image, done, stopped is not None, tile))
+        image = edit.finish(image) if edit else image
+        job.images.append(_encode(model, image, done, stopped is not None, tile))
         job.preview = None
         if stopped is not None and stopped.kind != SKIP:
             raise stopped

@@ -46,7 +46,7 @@ def _finite_float(text: str) -> float:
 
 
 def host_name(header: str) -> str:
-    """The name in a Host header, without its port: "[::1]:7860" -> "::1", "Example.org:80" -> "example.org"."""
+    """The name in a Host header without its port: "[::1]:7860" -> "::1", "Example.org:80" -> "example.org"."""
     header = header.strip().lower()
     if header.startswith("["):
         return header[1:header.find("]")] if "]" in header else header
@@ -54,8 +54,8 @@ def host_name(header: str) -> str:
 
 
 def _json_response(status: int, detail, headers: tuple = ()) -> tuple[dict, bytes]:
-    body = json.dumps({"detail": detail, **({"message": detail[0]["msg"]} if isinstance(detail, list) else {})},
-                      ensure_ascii=True).encode()
+    message = {"message": detail[0]["msg"]} if isinstance(detail, list) else {}
+    body = json.dumps({"detail": detail, **message}, ensure_ascii=True).encode()
     start = {"type": "http.response.start", "status": status,
              "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                          *headers]}

@@ -109,7 +109,7 @@ class Job:
         self.check_stop()
 
     def check_stop(self) -> None:
-        """Raise Stopped when the job was asked to stop: the work ends here. Cheap: called before each layer."""
+        """Raise Stopped when the job was asked to stop: the work ends here. Cheap: runs before each layer."""
         if self._stop is not None:
             raise Stopped(self._stop)
 

@@ -26,7 +26,8 @@ class Limits:
     def __post_init__(self):
         for item in fields(self):
             if not getattr(self, item.name) > 0:
-                raise UserError(f"--{item.name.replace('_', '-')} must be > 0, got {getattr(self, item.name)}")
+                flag = f"--{item.name.replace('_', '-')}"
+                raise UserError(f"{flag} must be > 0, got {getattr(self, item.name)}")
 
     def check(self, body, request, unet_parameters: int) -> None:
         """A UserError naming the field (or the cost) when `body` asks for more than these limits allow."""

@@ -46,7 +46,8 @@ def scan(dirs: list[Path], extra: dict[str, Path]) -> dict[str, ModelEntry]:
                 return found
             inside_model = any((parent / "model_index.json").is_file() for parent in path.parents
                                 if parent != root and root in parent.parents)
-            is_model = path.suffix == ".safetensors" and path.is_file() or (path / "model_index.json").is_file()
+            is_file = path.suffix == ".safetensors" and path.is_file()
+            is_model = is_file or (path / "model_index.json").is_file()
             known = any(entry.path == path for entry in found.values())
             if is_model and not inside_model and not known:
                 filename = path.relative_to(root).as_posix()

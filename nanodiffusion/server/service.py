@@ -122,8 +122,9 @@ class Service:
     def not_found(self, job_id: str, what: str = "") -> dict:
         """The 404 detail for a job id: "expired" when the job finished and was forgotten since."""
         if self.queue.expired(job_id):
-            return {"detail": f"job {job_id} expired: finished jobs are kept for {self.settings.keep_minutes:g} "
-                              f"minutes, the last {self.settings.keep_jobs} of them"}
+            kept = self.settings
+            return {"detail": f"job {job_id} expired: finished jobs are kept for {kept.keep_minutes:g} minutes, "
+                              f"the last {kept.keep_jobs} of them"}
         return {"detail": f"no job {job_id}{what}"}
 
     def job_json(self, job: Job) -> dict:

@@ -100,7 +100,8 @@ def read_tokenizer(folder: Path) -> CLIPTokenizer:
     if model.get("type") != "BPE":
         raise UserError(f"{folder / 'tokenizer.json'} does not hold a BPE tokenizer")
     merges = [tuple(pair) if isinstance(pair, list) else tuple(pair.split(" ")) for pair in model["merges"]]
-    config = read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+    config_file = folder / "tokenizer_config.json"
+    config = read_json(config_file) if config_file.is_file() else {}
     specials = {name: value["content"] if isinstance(value, dict) else value for name, value in config.items()
                 if name in ("bos_token", "eos_token", "pad_token", "unk_token") and value}
     return CLIPTokenizer(model["vocab"], merges, model_max_length=_context_length(folder, config, stored),

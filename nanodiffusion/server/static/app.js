@@ -52,7 +52,8 @@ async function getJson(url, options) {
   const body = await response.json().catch(() => ({}));
   if (!response.ok) {
     let message = body.message || (typeof body.detail === "string" ? body.detail : response.statusText);
-    if (response.status === 429) message += ` (HTTP 429, retry after ${response.headers.get("Retry-After")} s)`;
+    const retry = response.headers.get("Retry-After");
+    if (response.status === 429) message += ` (HTTP 429, retry after ${retry} s)`;
     throw new Error(message);
   }
   return body;
