@@ -190,3 +190,27 @@ def test_a_txt2img_call_whose_client_goes_away_is_cancelled():
     wait_until(lambda: job.state == CANCELLED)
     server.should_exit = True
     thread.join(WAIT)
+
+
+def test_a_model_that_fails_to_load_leaves_the_previous_one_and_no_path(tmp_path):
+    from nanodiffusion.pipelines.text_to_image import TextToImage
+    from nanodiffusion.server.generation import ServedModel
+    from nanodiffusion.server.models import ModelRegistry
+    from server_fakes import save_tiny_model
+
+    for name, seed in (("first", 0), ("good", 1)):
+        save_tiny_model(tmp_path / name, seed)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "bad.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
+    first = TextToImage.from_pretrained(tmp_path / "first")
+    registry = ModelRegistry(first, ServedModel("first", tmp_path / "first", "00", "fp32", "cpu"),
+                             dirs=[tmp_path], load=TextToImage.from_pretrained)
+    with TestClient(create_app(first, registry.served, registry=registry)) as client:
+        refused = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "sub/bad.safetensors"})
+        assert refused.status_code == 422 and "sub/bad.safetensors" in refused.json()["message"]
+        assert str(tmp_path) not in refused.text
+        assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "first [00]"
+        assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "good"}).status_code == 200
+        assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"].startswith("good [")
+        answer = client.post("/sdapi/v1/txt2img", json={"prompt": "a cat", "steps": 1})
+        assert answer.status_code == 200 and json.loads(answer.json()["info"])["sd_model_name"] == "good"

@@ -13,7 +13,7 @@ from nanodiffusion.errors import UserError
 from nanodiffusion.server import a1111_answers as answers
 from nanodiffusion.server.a1111 import CLIP_SKIP_SETTING, Img2ImgRequest, Txt2ImgRequest
 from nanodiffusion.server.a1111_images import decode_image, prepare, read_mask
-from nanodiffusion.server.jobs import FAILED, INTERRUPT, SKIP, Job
+from nanodiffusion.server.jobs import DONE, FAILED, INTERRUPT, SKIP, Job
 from nanodiffusion.server.service import (
     AsciiJSONResponse, ModelSwitch, Service, dumps, queue_or_429, user_error,
 )
@@ -67,14 +67,14 @@ def _add_generation_routes(app: FastAPI, service: Service) -> None:
     @app.post("/sdapi/v1/interrupt", tags=["a1111"])
     async def interrupt():
         """Stop the running job now: its call answers with the images made, the last as far as it got."""
-        if queue.current is not None:
+        if _generating(queue.current):
             queue.cancel(queue.current, INTERRUPT)
         return {}
 
     @app.post("/sdapi/v1/skip", tags=["a1111"])
     async def skip():
         """End the current image of the running job as far as it got, and go on with the next."""
-        if queue.current is not None:
+        if _generating(queue.current):
             queue.cancel(queue.current, SKIP)
         return {}
 
@@ -105,6 +105,11 @@ def _add_model_routes(app: FastAPI, service: Service) -> None:
     app.get("/sdapi/v1/cmd-flags", tags=["a1111"])(lambda: service.settings.flags)
     for name, listing in answers.EMPTY_LISTINGS.items():
         app.get(f"/sdapi/v1/{name}", tags=["a1111"])(lambda listing=listing: listing)
+
+
+def _generating(job: Job | None) -> bool:
+    """True for a running generation (interrupt and skip leave a model switch alone)."""
+    return job is not None and not isinstance(job.request, ModelSwitch)
 
 
 async def prepare_edits(service: Service, body: Img2ImgRequest) -> list | Response:
@@ -178,6 +183,7 @@ async def _set_options(service: Service, body: dict, request: Request):
     if not await service.wait(job, request):
         return AsciiJSONResponse({"detail": "the client went away: the switch was cancelled"},
                                  status_code=499)
-    if job.state == FAILED:
-        return AsciiJSONResponse(user_error(UserError(f"sd_model_checkpoint: {job.error}")), status_code=422)
+    if job.state != DONE or job.interrupted:
+        why = job.error or "the switch was cancelled (the server is stopping)"
+        return AsciiJSONResponse(user_error(UserError(f"sd_model_checkpoint: {why}")), status_code=422)
     return None

@@ -101,7 +101,10 @@ class ModelRegistry:
         try:
             self._activate(entry)
         except Exception as error:
-            self._activate(previous)
+            try:
+                self._activate(previous)
+            except Exception:                               # then every request answers 503, and says so
+                log.exception("could not load %s again after %s failed", previous.filename, entry.filename)
             if isinstance(error, UserError):                # its message names the file: not its folder
                 raise UserError(str(error).replace(str(entry.path), entry.filename)) from None
             raise
