@@ -189,3 +189,16 @@ def test_the_api_docs_page_works_offline(base_url, page):
     fields = page.locator("h2:has-text('/sdapi/v1/img2img') + p + table td:text-is('denoising_strength')")
     assert fields.count() == 1
     assert outside == []                                                  # nothing from a CDN
+
+
+def test_the_seed_label_is_not_clipped_in_a_narrow_window(base_url, page):
+    page.set_viewport_size({"width": 360, "height": 800})
+    try:
+        page.goto(base_url)
+        page.wait_for_selector("#sampler option", state="attached")
+        cell = page.locator(".grid > label:has(#seed)").bounding_box()
+        label = page.locator("label.inline:has(#seed-random)").bounding_box()
+        assert label["x"] >= cell["x"] and label["x"] + label["width"] <= cell["x"] + cell["width"] + 0.5
+        assert page.eval_on_selector(".seed", "e => e.scrollWidth <= e.clientWidth")
+    finally:
+        page.set_viewport_size({"width": 1280, "height": 720})
