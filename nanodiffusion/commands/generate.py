@@ -153,8 +153,8 @@ def run(args) -> None:
     previews = frame_steps(request.num_steps, args.gif_frames) if args.gif else set()
     progress = _Progress(pipe, request, len(seeds), previews)
     images, texts = [], []
-    for out, (image, text, done) in zip(paths, generate_each(pipe, request, len(seeds), model,
-                                                             progress=progress)):
+    for out, (image, text, done, _) in zip(paths, generate_each(pipe, request, len(seeds), model,
+                                                                progress=progress)):
         progress.finish(image)
         save_png(image, out, text)
         print(f"wrote {out} (seed {done.seed})")

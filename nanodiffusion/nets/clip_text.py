@@ -87,7 +87,10 @@ class CLIPTextConfig(JSONConfig):
     def to_transformers_config(self) -> dict:
         """The `text_encoder/config.json` content from which transformers builds this CLIPTextModel."""
         values = {theirs: getattr(self, ours) for ours, theirs in _TRANSFORMERS_KEYS.items()}
-        return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **values}
+        # transformers 5 loads weights in the dtype a config declares, else in the file's: an fp16 file would
+        # come up fp16 beside diffusers' fp32 UNet and VAE ("mat1 and mat2 must have the same dtype")
+        return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "torch_dtype": "float32",
+                **values}
 
 
 SD15_TEXT = CLIPTextConfig()                # OpenAI's ViT-L/14 text tower, used by SD v1.x

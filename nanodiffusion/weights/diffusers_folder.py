@@ -24,7 +24,7 @@ from nanodiffusion.nets.clip_text import CLIPTextConfig
 from nanodiffusion.nets.sd_unet import SDUNetConfig
 from nanodiffusion.nets.taesd import AutoencoderTiny, AutoencoderTinyConfig
 from nanodiffusion.nets.vae import AutoencoderKL, VAEConfig
-from nanodiffusion.tokenizer import CLIPTokenizer
+from nanodiffusion.tokenizer import CLIP_MAX_LENGTH, CLIPTokenizer
 from nanodiffusion.weights.components import SDComponents, materialize
 from nanodiffusion.weights.families import check_pipeline_class, check_unet_inputs
 from nanodiffusion.weights.original_keys import DEPRECATED_VAE_ATTENTION, IGNORED_DIFFUSERS_KEYS
@@ -103,17 +103,31 @@ def read_tokenizer(folder: Path) -> CLIPTokenizer:
     """The CLIP tokenizer of `folder`: vocab.json + merges.txt, or only tokenizer.json (transformers >= 5)."""
     if (folder / "vocab.json").is_file() or not (folder / "tokenizer.json").is_file():
         return CLIPTokenizer.from_pretrained(folder)
-    model = read_json(folder / "tokenizer.json").get("model", {})
+    stored = read_json(folder / "tokenizer.json")
+    model = stored.get("model", {})
     if model.get("type") != "BPE":
         raise UserError(f"{folder / 'tokenizer.json'} does not hold a BPE tokenizer")
     merges = [tuple(pair) if isinstance(pair, list) else tuple(pair.split(" ")) for pair in model["merges"]]
-    specials = {}
-    if (folder / "tokenizer_config.json").is_file():
-        stored = read_json(folder / "tokenizer_config.json")
-        specials = {name: value["content"] if isinstance(value, dict) else value
-                    for name, value in stored.items()
-                    if name in ("bos_token", "eos_token", "pad_token", "unk_token") and value}
-    return CLIPTokenizer(model["vocab"], merges, **specials)
+    config_file = folder / "tokenizer_config.json"
+    config = read_json(config_file) if config_file.is_file() else {}
+    specials = {name: value["content"] if isinstance(value, dict) else value for name, value in config.items()
+                if name in ("bos_token", "eos_token", "pad_token", "unk_token") and value}
+    return CLIPTokenizer(model["vocab"], merges, model_max_length=_context_length(folder, config, stored),
+                         **specials)
+
+
+def _context_length(folder: Path, config: dict, tokenizer: dict) -> int:
+    """Tokens per prompt, from wherever the folder states it: tokenizer_config.json's model_max_length,
+    tokenizer.json's truncation or fixed padding, the text encoder's max_position_embeddings; else CLIP's."""
+    padding = (tokenizer.get("padding") or {}).get("strategy")
+    encoder = folder.parent / "text_encoder" / "config.json"
+    for length in (config.get("model_max_length"), (tokenizer.get("truncation") or {}).get("max_length"),
+                   padding.get("Fixed") if isinstance(padding, dict) else None,
+                   read_json(encoder).get("max_position_embeddings") if encoder.is_file() else None):
+        # transformers writes a huge integer when a tokenizer has no limit: that says nothing
+        if isinstance(length, int) and not isinstance(length, bool) and 3 <= length <= 1_000_000:
+            return length
+    return CLIP_MAX_LENGTH
 
 
 def load_diffusers(folder: str | Path, *, dtype: torch.dtype = torch.float32,
