@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from nanodiffusion.commands.generate_control import add_control_arguments, attach_controls, control_values
 from nanodiffusion.diffusion.sampling_plan import SIGMA_SCHEDULES
 from nanodiffusion.errors import UserError
 from nanodiffusion.images import (
@@ -76,6 +77,7 @@ def add_arguments(p) -> None:
                    help="previews in the GIF, the final image after them")
     p.add_argument("--from", dest="from_image", default=SUPPRESS,
                    help="replay the settings stored in a PNG made by this command")
+    add_control_arguments(p)
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -100,6 +102,7 @@ def build_request(args) -> tuple[GenerationRequest, dict]:
     values = {**stored, **{name: given[name] for name in DEFAULTS if name in given}}
     if "size" in given:
         values["width"], values["height"] = given["size"]
+    values["controls"] = control_values(given, stored.get("controls", []))
     if "prompt" not in values:
         raise UserError("give a PROMPT (or --from IMAGE.png to replay one)")
     if args.num_images < 1:
@@ -145,6 +148,7 @@ def run(args) -> None:
     if "dtype" not in vars(args) and not args.from_image:
         _hint_bf16(pipe)
     pipe.vae_tile_size = settings["vae_tile"]
+    request = attach_controls(pipe, request, trust_pickle=args.trust_pickle, replaying=bool(args.from_image))
     # the model's own defaults (the built-in model's guidance, sampler, steps) where nothing chose a value
     request = replace(request, **{key: value for key, value in pipe.generation_defaults.items()
                                   if key not in settings["chosen"]})
