@@ -33,7 +33,9 @@ ControlImage = Image.Image | torch.Tensor | str | Path | dict
 # ControlNets or a list with one per ControlNet
 CALL_SETTINGS = {"controlnet_conditioning_scale": "scale", "control_guidance_start": "start",
                  "control_guidance_end": "end", "guess_mode": "guess_mode", "control_mode": "control_mode",
-                 "control_preprocess": "preprocess", "control_resize_mode": "resize_mode"}
+                 "control_preprocess": "preprocess", "control_resize_mode": "resize_mode",
+                 "control_processor_res": "processor_res", "control_low_threshold": "low_threshold",
+                 "control_high_threshold": "high_threshold"}
 
 
 @dataclass(frozen=True)
@@ -44,20 +46,25 @@ class AttachedControlNet:
     hash: str | None = None
 
 
-def attach_controlnets(pipe, sources, *, trust_pickle: bool = False) -> list[str]:
+def attach_controlnets(pipe, sources, *, trust_pickle: bool = False, name: str | None = None,
+                       digest: str | None = None) -> list[str]:
     """Load (or take) ControlNets and attach them to `pipe.controlnets` under their names: the path as
-    given, or "controlnet-K" for a module. Each must fit the pipeline's UNet and VAE."""
+    given, or "controlnet-K" for a module; a single module may be given its `name` and the `digest` of the
+    files it came from. Each must fit the pipeline's UNet and VAE."""
+    sources = list(sources) if isinstance(sources, (list, tuple)) else [sources]
+    if (name or digest) and (len(sources) != 1 or not isinstance(sources[0], ControlNet)):
+        raise UserError("name= and digest= label a single ControlNet module")
     names = []
-    for source in sources if isinstance(sources, (list, tuple)) else [sources]:
+    for source in sources:
         if isinstance(source, ControlNet):
-            network, digest, name = source, None, f"controlnet-{len(pipe.controlnets)}"
+            network, label = source, name or f"controlnet-{len(pipe.controlnets)}"
         else:
             network = load_controlnet(source, dtype=pipe.dtype, device=pipe.device, trust_pickle=trust_pickle,
                                       unet=pipe.unet.config)
-            digest, name = model_hash(source), str(source)
-        check_fits(network, pipe, name)
-        pipe.controlnets[name] = AttachedControlNet(network.eval(), digest)
-        names.append(name)
+            digest, label = model_hash(source), str(source)
+        check_fits(network, pipe, label)
+        pipe.controlnets[label] = AttachedControlNet(network.eval(), digest)
+        names.append(label)
     return names
 
 

@@ -114,10 +114,10 @@ class TextToImage:
             pipe.load_controlnet(controlnet, trust_pickle=trust_pickle)
         return pipe
 
-    def load_controlnet(self, controlnet, *, trust_pickle: bool = False) -> list[str]:
+    def load_controlnet(self, controlnet, *, trust_pickle: bool = False, **label) -> list[str]:
         """Attach ControlNets (a path, a ControlNet module, or a list of them; `.pth` files only with
         trust_pickle) to `self.controlnets`; returns their names. Calls then take `control_image=`."""
-        return attach_controlnets(self, controlnet, trust_pickle=trust_pickle)
+        return attach_controlnets(self, controlnet, trust_pickle=trust_pickle, **label)
 
     @property
     def device(self) -> torch.device:
