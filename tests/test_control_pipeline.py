@@ -182,3 +182,22 @@ def test_mistakes_fail_with_a_clear_message(pipe):
     wide = dataclasses.replace(pipe.unet.config, model_channels=64)
     with pytest.raises(UserError, match="residuals do not fit the UNet"):
         pipe.load_controlnet(ControlNet(dataclasses.replace(random_controlnet(pipe, 0).config, unet=wide)))
+
+
+def test_loras_change_the_unet_and_leave_the_controlnet_alone(pipe, tmp_path):
+    from lora_fixtures import lora_layers, write_kohya
+    controlnet = random_controlnet(pipe, 4)
+    before = {key: value.clone() for key, value in controlnet.state_dict().items()}
+    settings = dict(seed=3, num_steps=3, output_type="np", **SIZE)
+    pipe.load_controlnet(controlnet)
+    try:
+        steered = pipe("a cat", control_image=control_images(1)[0], **settings).images
+        layers = lora_layers({"unet": pipe.unet, "text_encoder": pipe.text_encoder}, text_encoder=())
+        pipe.load_lora_weights(write_kohya(tmp_path / "style.safetensors", layers))
+        both = pipe("a cat", control_image=control_images(1)[0], **settings).images
+        pipe.unload_lora_weights()
+        again = pipe("a cat", control_image=control_images(1)[0], **settings).images
+    finally:
+        pipe.controlnets.clear()
+    assert np.abs(both - steered).max() > 1e-3 and np.array_equal(again, steered)
+    assert all(torch.equal(value, before[key]) for key, value in controlnet.state_dict().items())
