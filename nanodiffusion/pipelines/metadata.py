@@ -15,13 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nanodiffusion import __version__
-from nanodiffusion.diffusion.samplers import SAMPLERS, resolve_sampler
+from nanodiffusion.diffusion.samplers import SAMPLERS, resolve_sampler, sampler_options
 from nanodiffusion.diffusion.sampling_plan import SIGMA_SCHEDULES
 from nanodiffusion.errors import UserError
 
 PARAMETERS_KEY = "parameters"
 SETTINGS_KEY = "nanodiffusion"
 SETTINGS_FORMAT = 1
+# A1111's infotext names of the standard sampler options (its k-diffusion samplers' "Eta", its DDIM's
+# "Eta DDIM"); like A1111 the text names an option only where it differs from the sampler's default.
+OPTION_LABELS = {"eta": "Eta", "s_churn": "Sigma churn", "s_tmin": "Sigma tmin", "s_tmax": "Sigma tmax",
+                 "s_noise": "Sigma noise"}
 
 @dataclass(frozen=True)
 class ModelRecord:
@@ -67,11 +71,21 @@ def a1111_parameters(request, model_name: str | None, model_hash: str | None) ->
         "Model hash": model_hash,
         "Model": model_name,
         "Clip skip": request.clip_skip if request.clip_skip != 1 else None,
+        **_option_labels(request),
         "Version": f"nanodiffusion {__version__}",
     }
     lines.append(", ".join(f"{key}: {_quote(str(value))}" for key, value in settings.items()
                            if value is not None))
     return "\n".join(lines)
+
+
+def _option_labels(request) -> dict[str, object]:
+    """A1111's infotext entries of the request's sampler options that differ from the sampler's defaults."""
+    sampler = resolve_sampler(request.sampler)
+    defaults = sampler_options(sampler)
+    labels = {**OPTION_LABELS, "eta": "Eta DDIM" if sampler == "ddim" else "Eta"}
+    return {labels[name]: value for name, value in request.sampler_options.items()
+            if name in labels and value != defaults[name]}
 
 
 def _quote(value: str) -> str:

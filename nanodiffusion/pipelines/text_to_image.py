@@ -212,7 +212,7 @@ class TextToImage:
                 mask = prepare_mask(mask_image, request.height, request.width, self.vae_factor)
                 mask = mask.to(self.device)
                 model = inpainting_denoiser(model, original, noise, mask)
-        x = self._sample(sampler, model, x, sigmas, generator, callback)
+        x = self._sample(sampler, model, x, sigmas, generator, callback, request.sampler_options)
         x = final_latent(sampler, x, sigmas)
         if mask_image is not None:
             x = mask * x + (1 - mask) * original              # DDIM and PLMS end above sigma = 0
@@ -294,7 +294,7 @@ class TextToImage:
         latents = latents * self.vae.config.scaling_factor
         return latents.repeat_interleave(self._latent_shape(request)[0] // len(latents), dim=0)
 
-    def _sample(self, sampler: str, model, x, sigmas, generator, callback) -> torch.Tensor:
+    def _sample(self, sampler: str, model, x, sigmas, generator, callback, options: dict) -> torch.Tensor:
         bar = tqdm(total=len(sigmas) - 1, desc="sampling", disable=not self.show_progress, leave=False)
 
         def step(i, x_i, denoised):
