@@ -42,7 +42,7 @@ def generation_info(body, request, images: list, model, interrupted: bool) -> di
         "sd_model_name": model.name, "sd_model_hash": model.hash, "index_of_first_image": 0,
         "infotexts": [image.infotext for image in images], "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
         "interrupted": interrupted, "partial_images": [k for k, image in enumerate(images) if image.partial],
-        "ignored_fields": body.ignored_fields, "version": f"nanodiffusion {__version__}",
+        "ignored_fields": body.ignored_fields(request.sampler), "version": f"nanodiffusion {__version__}",
     }
 
 
