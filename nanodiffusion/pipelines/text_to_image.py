@@ -36,7 +36,7 @@ from nanodiffusion.pipelines.request import (
 )
 from nanodiffusion.weights import file_pages, load_sd, load_vae
 from nanodiffusion.weights.components import SD15_SCHEDULER, resolve_dtype
-from nanodiffusion.weights.families import FAMILY_DEFAULTS, detect_family
+from nanodiffusion.weights.families import model_defaults
 from nanodiffusion.weights.models import model_path
 
 
@@ -101,8 +101,9 @@ class TextToImage:
         if vae is not None:
             parts.vae = vae if isinstance(vae, torch.nn.Module) else load_vae(
                 vae, dtype=dtype, device=device, memory_format=memory_format)
-        # the model family's settings (SD-Turbo: 1 step, no guidance), then the folder's own file
-        defaults = {**FAMILY_DEFAULTS[detect_family(parts.text_encoder.config, parts.scheduler_config)],
+        # the model family's settings (SD-Turbo: 1 step, no guidance) and its scheduler class's sampler (DDIM
+        # for SD 2.1), then the folder's own file
+        defaults = {**model_defaults(parts.text_encoder.config, parts.scheduler_config),
                     **(read_generation_defaults(path) if path.is_dir() else {})}
         return cls(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.scheduler_config,
                    generation_defaults=defaults)
@@ -305,7 +306,7 @@ class TextToImage:
         function = SAMPLERS[sampler].function
         # TCD reads the timesteps, PLMS extrapolates the network's own output (diffusers' PNDMScheduler)
         inputs = schedule_inputs(function, self.schedule.alphas_cumprod, self.schedule.prediction)
-        x = function(model, x, sigmas, generator=generator, callback=step, **inputs)
+        x = function(model, x, sigmas, generator=generator, callback=step, **inputs, **options)
         bar.close()
         return x
 
