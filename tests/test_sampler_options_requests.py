@@ -85,7 +85,8 @@ def test_the_request_round_trips_through_json_and_names_the_options_as_a1111():
     assert GenerationRequest.from_dict(json.loads(json.dumps(request.to_dict()))) == request
     text = a1111_parameters(request, "tiny", None)
     assert "Sigma churn: 1.5, Sigma noise: 1.003, Version" in text and "Sigma tmin" not in text   # a default
-    ddim = GenerationRequest("a cat", seed=1, width=16, height=16, sampler="ddim", sampler_options={"eta": 0.5})
+    ddim = GenerationRequest("a cat", seed=1, width=16, height=16, sampler="ddim",
+                             sampler_options={"eta": 0.5})
     assert "Eta DDIM: 0.5" in a1111_parameters(ddim, "tiny", None)
     ancestral = GenerationRequest("a cat", seed=1, width=16, height=16, sampler="euler_a",
                                   sampler_options={"eta": 0.5})
@@ -130,9 +131,9 @@ def test_sample_flags_reach_the_sampler(tmp_path, capsys):
     main([*args, "--eta", "0.4", "--out", str(tmp_path / "a.png")])
     main([*args, "--out", str(tmp_path / "b.png")])
     assert not np.array_equal(_pixels(tmp_path / "a.png"), _pixels(tmp_path / "b.png"))
-    DDPMPipeline.from_pretrained().sample_grid(tmp_path / "direct.png", num_images=2, sampler="euler_ancestral",
-                                               num_steps=3, seed=1, guidance_scale=2.0, eta=0.4,
-                                               progress=False)
+    DDPMPipeline.from_pretrained().sample_grid(tmp_path / "direct.png", num_images=2,
+                                               sampler="euler_ancestral", num_steps=3, seed=1,
+                                               guidance_scale=2.0, eta=0.4, progress=False)
     assert np.array_equal(_pixels(tmp_path / "a.png"), _pixels(tmp_path / "direct.png"))
     with pytest.raises(SystemExit):
         main([*args, "--s-churn", "1", "--out", str(tmp_path / "c.png")])

@@ -14,6 +14,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 webuiapi = pytest.importorskip("webuiapi")
 
+from nanodiffusion.pipelines.text_to_image import TextToImage  # noqa: E402
 from server_fakes import WAIT, save_tiny_model, serve_process, wait_until  # noqa: E402
 
 SIZE = {"width": 16, "height": 16}
@@ -52,6 +53,22 @@ def test_txt2img_and_png_info(api):
     assert (parsed["Prompt"], parsed["Negative prompt"]) == ("a red fox, (snow:1.2)", "blurry")
     assert parsed["Seed"] == "6"
     assert (parsed["Steps"], parsed["CFG scale"], parsed["Size-1"]) == ("2", "6", "16")
+
+
+def test_sampler_options_reach_the_sampler(api, models):
+    churned = api.txt2img(prompt="a cat", sampler_name="Euler", s_churn=2, seed=3, **SIZE)
+    assert "Sigma churn: 2.0" in churned.info["infotexts"][0]
+    assert "s_churn" not in churned.info["ignored_fields"]
+    assert "eta" in churned.info["ignored_fields"]                  # Euler draws no ancestral noise
+    plain = api.txt2img(prompt="a cat", sampler_name="Euler", seed=3, **SIZE)
+    pipe = TextToImage.from_pretrained(models / "tiny-a")
+    pipe.show_progress = False
+    direct = pipe("a cat", seed=3, num_steps=2, guidance_scale=7.0, sampler="euler",
+                  sampler_options={"s_churn": 2.0}, **SIZE).images[0]
+    assert np.array_equal(pixels(churned.image), pixels(direct))
+    assert not np.array_equal(pixels(churned.image), pixels(plain.image))
+    quiet = api.txt2img(prompt="a cat", sampler_name="Euler a", eta=0.0, seed=3, **SIZE)
+    assert "Eta: 0.0" in quiet.info["infotexts"][0]
 
 
 def test_img2img_with_and_without_a_mask(api):

@@ -92,8 +92,8 @@ class DDPMPipeline:
     def __call__(self, num_images: int = 16, *, sampler: str = "ddpm", num_steps: int = 1000, seed: int = 0,
                  guidance_scale: float = 1.0, labels=None, gif_frames: int = 0, progress: bool = True,
                  **sampler_options) -> SampleResult:
-        """Draw `num_images` samples; `gif_frames > 0` records that many evenly spaced x_t of the reverse process.
-        `sampler_options` are the sampler's own (diffusion/sampler_options.py), e.g. eta=0.5."""
+        """Draw `num_images` samples; `gif_frames > 0` records that many evenly spaced x_t of the reverse
+        process. `sampler_options` are the sampler's own (diffusion/sampler_options.py), e.g. eta=0.5."""
         if num_images < 1:
             raise UserError(f"the number of images must be >= 1, got {num_images}")
         if guidance_scale < 0:
