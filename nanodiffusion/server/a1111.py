@@ -23,8 +23,11 @@ from nanodiffusion.pipelines.request import GenerationRequest
 from nanodiffusion.server.a1111_images import INPAINTING_FILLS, RESIZE_MODES
 
 MAX_PROMPT_CHARS = 10_000
-# A1111's scheduler names (lowercase) -> our sigma schedules
-SCHEDULERS = {schedule.a1111.lower(): name for name, schedule in SIGMA_SCHEDULES.items()}
+# A1111's scheduler names ("sgm_uniform", ours but "automatic") and labels ("SGM Uniform"), lowercase: A1111
+# takes either -> our sigma schedules
+SCHEDULE_NAMES = {name: "automatic" if name == "default" else name for name in SIGMA_SCHEDULES}
+SCHEDULERS = {**{schedule.a1111.lower(): name for name, schedule in SIGMA_SCHEDULES.items()},
+              **{a1111: name for name, a1111 in SCHEDULE_NAMES.items()}}
 # A1111 (1.10) fields that we accept and ignore: they are listed in info["ignored_fields"]
 IGNORED_COMMON = frozenset((
     "styles subseed subseed_strength seed_resize_from_h seed_resize_from_w restore_faces tiling "

@@ -14,7 +14,7 @@ from nanodiffusion import __version__
 from nanodiffusion.diffusion.samplers import SAMPLERS, resolve_sampler
 from nanodiffusion.diffusion.sampling_plan import SIGMA_SCHEDULES
 from nanodiffusion.pipelines.metadata import PARAMETERS_KEY
-from nanodiffusion.server.a1111 import CLIP_SKIP_SETTING, SCHEDULERS
+from nanodiffusion.server.a1111 import CLIP_SKIP_SETTING, SCHEDULE_NAMES
 
 # What this server has none of (no VAE files apart from the models', no LoRA yet, no upscaler, no scripts...):
 # clients read these lists at start-up, so each answers, truthfully empty.
@@ -74,8 +74,8 @@ def samplers() -> list[dict]:
 
 def schedulers() -> list[dict]:
     """`GET /sdapi/v1/schedulers` (A1111 1.9+): each name is accepted as `scheduler`."""
-    return [{"name": name, "label": SIGMA_SCHEDULES[schedule].a1111, "aliases": None}
-            for name, schedule in SCHEDULERS.items()]
+    return [{"name": SCHEDULE_NAMES[name], "label": schedule.a1111, "aliases": None}
+            for name, schedule in SIGMA_SCHEDULES.items()]
 
 
 def sd_models(registry) -> list[dict]:
