@@ -131,6 +131,9 @@ def test_every_listed_sampler_generates(api):
     for name in names:
         result = api.txt2img(prompt="a cat", sampler_name=name, seed=1, **SIZE)
         assert result.image.size == (16, 16) and result.info["sampler_name"] == name
+    for scheduler in api.util_get_scheduler_names():         # A1111's names, sent back as it sends them
+        result = api.txt2img(prompt="a cat", sampler_name="Euler", scheduler=scheduler, seed=1, **SIZE)
+        assert result.info["scheduler"].lower().replace(" ", "_") == scheduler
 
 
 def test_the_listing_calls_answer(api, models):
