@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from nanodiffusion.cli import main
 from nanodiffusion.errors import UserError
 from nanodiffusion.server.a1111_images import crop_region, decode_image, prepare, read_mask, resize
 from server_fakes import MODEL, b64_image, png
@@ -137,3 +138,16 @@ def test_image_k_of_a_batch_starts_from_init_image_k(served):
     pair = img2img(client, init_images=[b64_image(banded(16, 16)), b64_image(other)], batch_size=2)
     [alone] = img2img(client, init_images=[b64_image(other)], seed=5)
     assert np.array_equal(pair[1], alone) and not np.array_equal(pair[0], pair[1])
+
+
+def test_img2img_pngs_state_their_strength_and_are_not_replayed_as_text_to_image(served, tmp_path, capsys):
+    _, client = served
+    answer = client.post("/sdapi/v1/img2img", json={**SETTINGS, "init_images": [b64_image(banded(16, 16))]})
+    path = tmp_path / "edited.png"
+    path.write_bytes(base64.b64decode(answer.json()["images"][0]))
+    infotext = json.loads(answer.json()["info"])["infotexts"][0]
+    assert ", Model: tiny-sd, Denoising strength: 0.6, Version:" in infotext
+    with pytest.raises(SystemExit):
+        main(["generate", "--from", str(path), "--out", str(tmp_path / "again.png")])
+    assert "made by img2img from an init image that the PNG does not hold" in capsys.readouterr().err
+    assert not (tmp_path / "again.png").exists()

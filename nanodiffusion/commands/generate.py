@@ -97,6 +97,9 @@ def build_request(args) -> tuple[GenerationRequest, dict]:
            "vae_tile": None}
     if args.from_image:
         settings = read_settings(read_png_text(args.from_image), args.from_image)
+        if settings.get("img2img"):
+            raise UserError(f"{args.from_image} was made by img2img from an init image that the PNG does not "
+                            "hold: --from replays text-to-image PNGs only")
         stored = settings["request"]
         run.update({key: settings.get(key) for key in run})
     values = {**stored, **{name: given[name] for name in DEFAULTS if name in given}}
