@@ -15,7 +15,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from nanodiffusion.commands.generate_control import add_control_arguments, attach_controls, control_values
+from nanodiffusion.commands.generate_control import (
+    add_control_arguments, attach_controls, control_values,
+)
+from nanodiffusion.commands.sampler_flags import add_sampler_option_flags, sampler_option_flags
 from nanodiffusion.diffusion.sampling_plan import SIGMA_SCHEDULES
 from nanodiffusion.errors import UserError
 from nanodiffusion.images import (
@@ -58,6 +61,7 @@ def add_arguments(p) -> None:
                         f"(default: the model's, else {DEFAULTS['sampler']})")
     p.add_argument("--sigma-schedule", dest="sigma_schedule", choices=SIGMA_SCHEDULES, default=SUPPRESS,
                    help="sigma grid (default: default, the scheduler's own timesteps)")
+    add_sampler_option_flags(p)
     p.add_argument("--clip-skip", dest="clip_skip", type=int, default=SUPPRESS,
                    help="2 = condition on CLIP's penultimate layer (default: 1)")
     p.add_argument("--dtype", choices=list(DTYPES), default=SUPPRESS, help="weights dtype (default: fp32)")
@@ -97,9 +101,14 @@ def build_request(args) -> tuple[GenerationRequest, dict]:
            "vae_tile": None}
     if args.from_image:
         settings = read_settings(read_png_text(args.from_image), args.from_image)
+        if settings.get("img2img"):
+            raise UserError(f"{args.from_image} was made by img2img from an init image that the PNG does not "
+                            "hold: --from replays text-to-image PNGs only")
         stored = settings["request"]
         run.update({key: settings.get(key) for key in run})
     values = {**stored, **{name: given[name] for name in DEFAULTS if name in given}}
+    # checked once the sampler is known, which may be the model's default (run)
+    run["sampler_options"] = {**values.pop("sampler_options", {}), **sampler_option_flags(args)}
     if "size" in given:
         values["width"], values["height"] = given["size"]
     values["controls"] = control_values(given, stored.get("controls", []))
@@ -150,8 +159,9 @@ def run(args) -> None:
     pipe.vae_tile_size = settings["vae_tile"]
     request = attach_controls(pipe, request, trust_pickle=args.trust_pickle, replaying=bool(args.from_image))
     # the model's own defaults (the built-in model's guidance, sampler, steps) where nothing chose a value
-    request = replace(request, **{key: value for key, value in pipe.generation_defaults.items()
-                                  if key not in settings["chosen"]})
+    request = replace(request, sampler_options=settings["sampler_options"],
+                      **{key: value for key, value in pipe.generation_defaults.items()
+                         if key not in settings["chosen"]})
     model = ModelRecord(settings["model"], path, digest, settings["dtype"], torch.device(device).type,
                         settings["vae_tile"])
     previews = frame_steps(request.num_steps, args.gif_frames) if args.gif else set()
