@@ -201,3 +201,15 @@ def test_loras_change_the_unet_and_leave_the_controlnet_alone(pipe, tmp_path):
         pipe.controlnets.clear()
     assert np.abs(both - steered).max() > 1e-3 and np.array_equal(again, steered)
     assert all(torch.equal(value, before[key]) for key, value in controlnet.state_dict().items())
+
+
+def test_pipe_to_moves_and_casts_the_controlnets_and_files_load_in_the_unet_layout(tmp_path):
+    pipe = tiny_ours()
+    save_controlnet(random_controlnet(pipe, 1), tmp_path / "controlnet")
+    pipe.load_controlnet(random_controlnet(pipe, 2))
+    pipe.to(dtype=torch.bfloat16, memory_format=torch.channels_last)
+    name, = pipe.load_controlnet(str(tmp_path / "controlnet"))              # loaded as the UNet now is
+    for attached in pipe.controlnets.values():
+        weight = attached.network.conv_in.weight
+        assert weight.dtype == torch.bfloat16 and weight.is_contiguous(memory_format=torch.channels_last)
+        assert not weight.is_contiguous()

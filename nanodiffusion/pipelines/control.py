@@ -60,12 +60,19 @@ def attach_controlnets(pipe, sources, *, trust_pickle: bool = False, name: str |
             network, label = source, name or f"controlnet-{len(pipe.controlnets)}"
         else:
             network = load_controlnet(source, dtype=pipe.dtype, device=pipe.device, trust_pickle=trust_pickle,
-                                      unet=pipe.unet.config)
+                                      unet=pipe.unet.config, memory_format=memory_format(pipe.unet))
             digest, label = model_hash(source), str(source)
         check_fits(network, pipe, label)
         pipe.controlnets[label] = AttachedControlNet(network.eval(), digest)
         names.append(label)
     return names
+
+
+def memory_format(unet) -> torch.memory_format:
+    """The layout of the UNet's conv weights (channels_last on the bf16 CPU path), for its ControlNets."""
+    weight = unet.conv_in.weight
+    nhwc = weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    return torch.channels_last if nhwc else torch.preserve_format
 
 
 def check_fits(network: ControlNet, pipe, name: str) -> None:

@@ -143,14 +143,14 @@ class TextToImage:
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None, *,
            memory_format: torch.memory_format | None = None) -> "TextToImage":
-        """Move (and cast) the three networks; returns the pipeline.
+        """Move (and cast) the networks, attached ControlNets too; returns the pipeline.
 
-        `memory_format=torch.channels_last` stores the UNet's and VAE's conv weights NHWC, and so runs their
-        feature maps NHWC (measured faster in bf16 on an AVX-512 CPU: benchmarks/README.md). Tensors are
-        converted one at a time and the memory-mapped file pages of those replaced are given back, so a
-        conversion never holds two copies of the weights.
+        `memory_format=torch.channels_last` stores the conv weights NHWC, and so runs their feature maps NHWC
+        (faster in bf16 on an AVX-512 CPU: benchmarks/README.md). Tensors are converted one at a time, the
+        file pages of those replaced given back: a conversion never holds two copies of the weights.
         """
-        for module in (self.unet, self.vae, self.text_encoder):
+        controlnets = [attached.network for attached in self.controlnets.values()]
+        for module in (self.unet, self.vae, self.text_encoder, *controlnets):
             layout = memory_format if module is not self.text_encoder else None
 
             def change(tensor: torch.Tensor, layout=layout) -> torch.Tensor:
