@@ -16,6 +16,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 HELD_OUT_SEED = 12_345                  # training draws its scenes from seed 0 (train --seed)
 
@@ -77,7 +78,8 @@ def main() -> None:
                 for i in range(count)]
         rows = [to_pil(torch.from_numpy(np.stack(drawn["caption", name][:count])).permute(0, 3, 1, 2)
                        * 2 - 1) for name in ("without", "with")]
-        save_png(image_grid([*maps, *rows[0], *rows[1]], rows=3, cols=count), args.grid)
+        grid = image_grid([*maps, *rows[0], *rows[1]], rows=3, cols=count)
+        save_png(grid.resize((grid.width * 3, grid.height * 3), Image.NEAREST), args.grid)   # 32 px is small
         print(f"\nwrote {args.grid}: edge maps, without, with; captions: {captions[:count]}")
 
 
