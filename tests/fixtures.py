@@ -24,7 +24,7 @@ from nanodiffusion.nets.sd_unet import TINY_SD2_UNET, TINY_UNET, SDUNet, SDUNetC
 from nanodiffusion.nets.vae import TINY_VAE, AutoencoderKL, VAEConfig
 from nanodiffusion.pipelines.text_to_image import TextToImage
 from nanodiffusion.tokenizer import CLIP_BPE_FOLDER, CLIPTokenizer, train_bpe
-from nanodiffusion.weights import SDComponents, save_diffusers
+from nanodiffusion.weights import SDComponents
 
 SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"      # real data, if present
 PROMPTS = ["a photo of a cat", "an astronaut riding a horse on the moon", "a watercolor painting of a fox"]
@@ -174,14 +174,6 @@ def tiny_ours(seed: int = 0, tokenizer: CLIPTokenizer | None = None) -> TextToIm
     vae = randomize_(AutoencoderKL(TINY_VAE), seed + 1)
     text_encoder = randomize_(CLIPTextModel(TINY_TEXT), seed + 2)
     return TextToImage(unet, vae, text_encoder, tokenizer or _clip_tokenizer(None))
-
-
-def save_tiny_ours(folder: Path, seed: int = 0) -> Path:
-    """Write `tiny_ours(seed)` as a diffusers folder (our writer, no diffusers needed)."""
-    pipe = tiny_ours(seed)
-    save_diffusers(SDComponents(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer,
-                                pipe.scheduler_config), folder)
-    return folder
 
 
 # --- tiny SD 2.x models: diffusers folders (ε, v, SD-Turbo's scheduler) and an original single file in SD 2's

@@ -12,14 +12,19 @@ from nanodiffusion import __version__
 from nanodiffusion.cli import main
 from nanodiffusion.commands import generate
 from nanodiffusion.images import frame_steps, read_png_text, save_png
-from fixtures import save_tiny_ours
+from nanodiffusion.weights import SDComponents, save_diffusers
+from fixtures import tiny_ours
 
 FAST = ["--steps", "4", "--size", "32x32"]
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    return save_tiny_ours(tmp_path_factory.mktemp("models") / "tiny-sd")
+    pipe = tiny_ours()
+    folder = tmp_path_factory.mktemp("models") / "tiny-sd"
+    save_diffusers(SDComponents(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer,
+                                pipe.scheduler_config), folder)
+    return folder
 
 
 def cli(*argv) -> None:

@@ -9,7 +9,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from fixtures import save_tiny_ours
+from server_fakes import save_tiny_model
 from nanodiffusion.cli import main
 from nanodiffusion.pipelines.text_to_image import TextToImage
 
@@ -21,7 +21,7 @@ FAST = ["--batch-size", "4", "--lr", "1e-2", "--seed", "0"]
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    return save_tiny_ours(tmp_path_factory.mktemp("models") / "tiny-sd")
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd")
 
 
 @pytest.fixture(scope="module")

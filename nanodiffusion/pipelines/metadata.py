@@ -33,6 +33,9 @@ class ModelRecord:
     dtype: str                      # "fp32", "fp16" or "bf16"
     device: str                     # device type: "cpu", "cuda"
     vae_tile: int | None = None     # latent pixels per tile when the VAE decoded in tiles
+    loras: tuple[tuple[str, float], ...] = ()   # LoRA files applied to every image (generate --lora PATH:W)
+    lora_dir: str | None = None     # where <lora:NAME:W> in prompts was looked up
+    embeddings_dir: str | None = None   # the textual-inversion embeddings loaded
 
     @property
     def name(self) -> str:
@@ -40,13 +43,15 @@ class ModelRecord:
         return self.path.stem if self.path.is_file() else Path(self.argument).name
 
 
-def png_text(request, model: ModelRecord) -> dict[str, str]:
-    """Both text chunks of an image of `request` (one prompt, its seed filled in) made by `model`."""
-    return {PARAMETERS_KEY: a1111_parameters(request, model.name, model.hash),
-            SETTINGS_KEY: settings_json(request, model)}
+def png_text(request, model: ModelRecord, lora_hashes: dict[str, str] | None = None) -> dict[str, str]:
+    """Both text chunks of an image of `request` (one prompt, its seed filled in) made by `model` with the
+    LoRAs `lora_hashes` ({name: A1111 short hash}) active."""
+    return {PARAMETERS_KEY: a1111_parameters(request, model.name, model.hash, lora_hashes),
+            SETTINGS_KEY: settings_json(request, model, lora_hashes)}
 
 
-def a1111_parameters(request, model_name: str | None, model_hash: str | None) -> str:
+def a1111_parameters(request, model_name: str | None, model_hash: str | None,
+                     lora_hashes: dict[str, str] | None = None) -> str:
     """A1111's infotext for one image of `request` (a GenerationRequest with one prompt and seed filled in).
 
     As A1111: no negative line when there is no negative prompt, no schedule type for the sampler's own, and
@@ -67,6 +72,8 @@ def a1111_parameters(request, model_name: str | None, model_hash: str | None) ->
         "Model hash": model_hash,
         "Model": model_name,
         "Clip skip": request.clip_skip if request.clip_skip != 1 else None,
+        "Lora hashes": ", ".join(f"{name}: {digest}" for name, digest in lora_hashes.items())
+        if lora_hashes else None,
         "Version": f"nanodiffusion {__version__}",
     }
     lines.append(", ".join(f"{key}: {_quote(str(value))}" for key, value in settings.items()
@@ -78,12 +85,15 @@ def _quote(value: str) -> str:
     return json.dumps(value, ensure_ascii=False) if any(c in value for c in ",:\n") else value
 
 
-def settings_json(request, model: ModelRecord) -> str:
-    """Our own text chunk: the request and what else decides the pixels (model, dtype, device, and the VAE
-    tile size when the image was decoded in tiles)."""
+def settings_json(request, model: ModelRecord, lora_hashes: dict[str, str] | None = None) -> str:
+    """Our own text chunk: the request and what else decides the pixels (model, dtype, device, the VAE
+    tile size when the image was decoded in tiles, and the adapters when there are any)."""
     run = {"model": model.argument, "model_hash": model.hash, "dtype": model.dtype, "device": model.device}
     if model.vae_tile is not None:
         run["vae_tile"] = model.vae_tile
+    adapters = {"loras": [list(lora) for lora in model.loras], "lora_dir": model.lora_dir,
+                "embeddings_dir": model.embeddings_dir, "lora_hashes": lora_hashes}
+    run.update({key: value for key, value in adapters.items() if value})
     return json.dumps({"format": SETTINGS_FORMAT, "version": __version__, "request": request.to_dict(),
                        **run}, ensure_ascii=False)
 
