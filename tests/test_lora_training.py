@@ -2,6 +2,9 @@
 kohya LoRA that our loader and diffusers' `load_lora_weights` (PEFT) apply alike, the frozen model stays
 untouched, and resuming gives the uninterrupted run's LoRA exactly."""
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -16,6 +19,7 @@ from nanodiffusion.pipelines.text_to_image import TextToImage
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning",
                                         "ignore::DeprecationWarning")
 
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 FAST = ["--batch-size", "4", "--lr", "1e-2", "--seed", "0"]
 
 
@@ -116,3 +120,15 @@ def test_resuming_another_lora_is_a_clear_error(model, images, tmp_path, capsys)
 ])
 def test_bad_settings_are_clear_errors(model, images, tmp_path, capsys, argv, message):
     assert message in train_error(capsys, model, images, tmp_path / "run", "--max-steps", 1, *argv)
+
+
+def test_the_star_demo_checker_names_held_out_renders():
+    """scripts/lora_star_demo.py's checker (docs/adapters.md's adherence figures): stars and the shapes data
+    set's four shapes, rendered at random colours, sizes and places, are each named right."""
+    spec = importlib.util.spec_from_file_location("lora_star_demo", SCRIPTS / "lora_star_demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    assert demo.checker_accuracy(4, seed=7) == {"circle": 1.0, "square": 1.0, "triangle": 1.0, "cross": 1.0,
+                                                "star": 1.0}
+    blank = torch.zeros(3, 32, 32, dtype=torch.uint8)
+    assert demo.judge(blank, "red") == {"shape": "none", "color_ok": False, "star": False}
