@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from nanodiffusion.commands.sampler_flags import add_sampler_option_flags, sampler_option_flags
 from nanodiffusion.diffusion.samplers import resolve_sampler
 from nanodiffusion.diffusion.sampling_plan import SIGMA_SCHEDULES
 from nanodiffusion.errors import UserError
@@ -58,6 +59,7 @@ def add_arguments(p) -> None:
                         f"(default: the model's, else {DEFAULTS['sampler']})")
     p.add_argument("--sigma-schedule", dest="sigma_schedule", choices=SIGMA_SCHEDULES, default=SUPPRESS,
                    help="sigma grid (default: default, the scheduler's own timesteps)")
+    add_sampler_option_flags(p)
     p.add_argument("--clip-skip", dest="clip_skip", type=int, default=SUPPRESS,
                    help="2 = condition on CLIP's penultimate layer (default: 1)")
     p.add_argument("--lora", dest="loras", type=_lora, action="append", default=SUPPRESS,
@@ -114,9 +116,14 @@ def build_request(args) -> tuple[GenerationRequest, dict]:
            "vae_tile": None, "loras": [], "lora_dir": None, "embeddings_dir": None, "lora_hashes": {}}
     if args.from_image:
         settings = read_settings(read_png_text(args.from_image), args.from_image)
+        if settings.get("img2img"):
+            raise UserError(f"{args.from_image} was made by img2img from an init image that the PNG does not "
+                            "hold: --from replays text-to-image PNGs only")
         stored = settings["request"]
         run.update({key: settings[key] for key in run if key in settings})
     values = {**stored, **{name: given[name] for name in DEFAULTS if name in given}}
+    # checked once the sampler is known, which may be the model's default (run)
+    run["sampler_options"] = {**values.pop("sampler_options", {}), **sampler_option_flags(args)}
     if "size" in given:
         values["width"], values["height"] = given["size"]
     if "prompt" not in values:
@@ -165,8 +172,9 @@ def run(args) -> None:
         _hint_bf16(pipe)
     pipe.vae_tile_size = settings["vae_tile"]
     # the model's own defaults (the built-in model's guidance, sampler, steps) where nothing chose a value
-    request = replace(request, **{key: value for key, value in pipe.generation_defaults.items()
-                                  if key not in settings["chosen"]})
+    request = replace(request, sampler_options=settings["sampler_options"],
+                      **{key: value for key, value in pipe.generation_defaults.items()
+                         if key not in settings["chosen"]})
     _load_adapters(pipe, request, settings, replaying=bool(args.from_image))
     model = ModelRecord(settings["model"], path, digest, settings["dtype"], torch.device(device).type,
                         settings["vae_tile"], tuple((str(p), w) for p, w in settings["loras"]),

@@ -15,13 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nanodiffusion import __version__
-from nanodiffusion.diffusion.samplers import SAMPLERS, resolve_sampler
+from nanodiffusion.diffusion.samplers import SAMPLERS, resolve_sampler, sampler_options
 from nanodiffusion.diffusion.sampling_plan import SIGMA_SCHEDULES
 from nanodiffusion.errors import UserError
 
 PARAMETERS_KEY = "parameters"
 SETTINGS_KEY = "nanodiffusion"
 SETTINGS_FORMAT = 1
+# A1111's infotext names of the standard sampler options (its k-diffusion samplers' "Eta", its DDIM's
+# "Eta DDIM"); like A1111 the text names an option only where it differs from the sampler's default.
+OPTION_LABELS = {"eta": "Eta", "s_churn": "Sigma churn", "s_tmin": "Sigma tmin", "s_tmax": "Sigma tmax",
+                 "s_noise": "Sigma noise"}
 
 @dataclass(frozen=True)
 class ModelRecord:
@@ -43,16 +47,19 @@ class ModelRecord:
         return self.path.stem if self.path.is_file() else Path(self.argument).name
 
 
-def png_text(request, model: ModelRecord, lora_hashes: dict[str, str] | None = None) -> dict[str, str]:
-    """Both text chunks of an image of `request` (one prompt, its seed filled in) made by `model` with the
-    LoRAs `lora_hashes` ({name: A1111 short hash}) active."""
-    return {PARAMETERS_KEY: a1111_parameters(request, model.name, model.hash, lora_hashes),
-            SETTINGS_KEY: settings_json(request, model, lora_hashes)}
+def png_text(request, model: ModelRecord, *, img2img: bool = False,
+             lora_hashes: dict[str, str] | None = None) -> dict[str, str]:
+    """Both text chunks of an image of `request` (one prompt, its seed filled in) made by `model`, from an
+    init image if `img2img`, with the LoRAs `lora_hashes` ({name: A1111 short hash}) active."""
+    return {PARAMETERS_KEY: a1111_parameters(request, model.name, model.hash, img2img=img2img,
+                                             lora_hashes=lora_hashes),
+            SETTINGS_KEY: settings_json(request, model, img2img=img2img, lora_hashes=lora_hashes)}
 
 
-def a1111_parameters(request, model_name: str | None, model_hash: str | None,
-                     lora_hashes: dict[str, str] | None = None) -> str:
-    """A1111's infotext for one image of `request` (a GenerationRequest with one prompt and seed filled in).
+def a1111_parameters(request, model_name: str | None, model_hash: str | None, *,
+                     img2img: bool = False, lora_hashes: dict[str, str] | None = None) -> str:
+    """A1111's infotext for one image of `request` (a GenerationRequest with one prompt and seed filled in),
+    with its "Denoising strength" if it was made from an init image (`img2img`), its "Lora hashes" if any.
 
     As A1111: no negative line when there is no negative prompt, no schedule type for the sampler's own, and
     values holding a comma, colon or newline are written as JSON strings.
@@ -71,7 +78,9 @@ def a1111_parameters(request, model_name: str | None, model_hash: str | None,
         "Size": f"{request.width}x{request.height}",
         "Model hash": model_hash,
         "Model": model_name,
+        "Denoising strength": f"{request.strength:g}" if img2img else None,
         "Clip skip": request.clip_skip if request.clip_skip != 1 else None,
+        **_option_labels(request),
         "Lora hashes": ", ".join(f"{name}: {digest}" for name, digest in lora_hashes.items())
         if lora_hashes else None,
         "Version": f"nanodiffusion {__version__}",
@@ -81,16 +90,29 @@ def a1111_parameters(request, model_name: str | None, model_hash: str | None,
     return "\n".join(lines)
 
 
+def _option_labels(request) -> dict[str, object]:
+    """A1111's infotext entries of the request's sampler options that differ from the sampler's defaults."""
+    sampler = resolve_sampler(request.sampler)
+    defaults = sampler_options(sampler)
+    labels = {**OPTION_LABELS, "eta": "Eta DDIM" if sampler == "ddim" else "Eta"}
+    return {labels[name]: value for name, value in request.sampler_options.items()
+            if name in labels and value != defaults[name]}
+
+
 def _quote(value: str) -> str:
     return json.dumps(value, ensure_ascii=False) if any(c in value for c in ",:\n") else value
 
 
-def settings_json(request, model: ModelRecord, lora_hashes: dict[str, str] | None = None) -> str:
-    """Our own text chunk: the request and what else decides the pixels (model, dtype, device, the VAE
-    tile size when the image was decoded in tiles, and the adapters when there are any)."""
+def settings_json(request, model: ModelRecord, *, img2img: bool = False,
+                  lora_hashes: dict[str, str] | None = None) -> str:
+    """Our own text chunk: the request and what else decides the pixels (model, dtype, device, the VAE tile
+    size when the image was decoded in tiles, whether an init image, which the PNG does not hold, did, and
+    the adapters when there are any)."""
     run = {"model": model.argument, "model_hash": model.hash, "dtype": model.dtype, "device": model.device}
     if model.vae_tile is not None:
         run["vae_tile"] = model.vae_tile
+    if img2img:
+        run["img2img"] = True
     adapters = {"loras": [list(lora) for lora in model.loras], "lora_dir": model.lora_dir,
                 "embeddings_dir": model.embeddings_dir, "lora_hashes": lora_hashes}
     run.update({key: value for key, value in adapters.items() if value})
