@@ -18,6 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from nanodiffusion.adapters import LoRAAdapters, load_textual_inversion
+from nanodiffusion.adapters.prompt_loras import LoRAFolder, PromptLoRAs
+from nanodiffusion.adapters.textual_inversion import load_embedding_folder
 from nanodiffusion.diffusion.denoisers import (
     Denoiser, cfg_denoiser, inpainting_denoiser, lcm_boundary_condition,
 )
@@ -65,6 +67,7 @@ class TextToImage:
         self.denoiser = Denoiser(self._eps, self.schedule.alphas_cumprod, self.schedule.prediction)
         self.generation_defaults = check_generation_defaults(generation_defaults or {})
         self.show_progress = True
+        self.embeddings: tuple[dict, dict] = ({}, {})     # (loaded, skipped) of load_embeddings_dir
         # Memory-bounded VAE decoding (nets/vae_tiling.py): tiles of this many latent pixels (None: whole
         # images), overlapping by vae_tile_overlap; vae_slicing decodes the images of a batch one by one.
         self.vae_tile_size: int | None = None
@@ -216,14 +219,15 @@ class TextToImage:
         request, generator = self._settle(request, generator, init_images)
         units, request = control_units(self, request, control_image)
         sampler = resolve_sampler(request.sampler)
+        texts = self.prompt_loras.apply(request.prompts)              # <lora:NAME:W> tags applied, then cut
         sigmas = self.sigmas(sampler, request.num_steps, request.sigma_schedule)
+        if init_images is not None:
+            sigmas = img2img_sigmas(sigmas, request.strength)          # ControlNets run on these steps
+        model = self._guided_denoiser(replace(request, prompt=texts), units, sigmas)
         if init_images is None:
-            model = self._guided_denoiser(request, units, sigmas)
             noise = self._noise(request, generator, latents)
             x = noise * initial_noise_scale(sampler, sigmas, spacing=self.schedule.spacing)
         else:
-            sigmas = img2img_sigmas(sigmas, request.strength)          # ControlNets run on these steps
-            model = self._guided_denoiser(request, units, sigmas)
             original = self._init_latents(init_images, request, generator)       # drawn first, as diffusers
             noise = self._noise(request, generator, latents)
             x = original + noise * float(sigmas[0])
@@ -398,3 +402,23 @@ class TextToImage:
     def load_textual_inversion(self, path: str | Path, token: str | None = None) -> str:
         """Add a textual-inversion embedding to the tokenizer and text encoder; returns its prompt token."""
         return load_textual_inversion(self.text_encoder, self.tokenizer, path, token)
+
+    # A1111's folders: <lora:NAME:W> in prompts from a LoRA folder, embeddings named by their files.
+    @functools.cached_property
+    def prompt_loras(self) -> PromptLoRAs:
+        """Applies the `<lora:NAME:W>` tags of each generation's prompts (adapters/prompt_loras.py)."""
+        return PromptLoRAs(self.lora)
+
+    def set_lora_dir(self, folder: str | Path | None) -> None:
+        """Where `<lora:NAME:W>` in a prompt finds NAME.safetensors (None: tags are an error)."""
+        self.prompt_loras.folder = LoRAFolder(folder) if folder is not None else None
+
+    def load_embeddings_dir(self, folder: str | Path) -> tuple[dict, dict]:
+        """Load every textual-inversion embedding in `folder`, each named by its file's stem; returns
+        (loaded, skipped) as A1111's GET /sdapi/v1/embeddings, also kept in `self.embeddings`."""
+        self.embeddings = load_embedding_folder(self.text_encoder, self.tokenizer, folder)
+        return self.embeddings
+
+    def lora_hashes(self) -> dict[str, str]:
+        """{name: A1111 short hash} of the active LoRAs: the "Lora hashes" of the images made now."""
+        return self.prompt_loras.hashes()
