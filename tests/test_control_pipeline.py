@@ -213,3 +213,20 @@ def test_pipe_to_moves_and_casts_the_controlnets_and_files_load_in_the_unet_layo
         weight = attached.network.conv_in.weight
         assert weight.dtype == torch.bfloat16 and weight.is_contiguous(memory_format=torch.channels_last)
         assert not weight.is_contiguous()
+
+
+def test_inpainting_with_a_controlnet_repaints_the_mask_only(pipe):
+    init = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., 8:24, 8:24] = 1                                       # repaint the middle
+    settings = dict(image=init, mask_image=mask, strength=0.8, seed=2, num_steps=4, output_type="latent")
+    plain = pipe("a cat", **settings).images
+    pipe.load_controlnet(random_controlnet(pipe, 5))
+    try:
+        steered = pipe("a cat", control_image=control_images(1)[0], **settings).images
+    finally:
+        pipe.controlnets.clear()
+    keep = torch.ones_like(plain, dtype=torch.bool)
+    keep[..., 4:12, 4:12] = False                                   # the mask at the latents' size
+    assert torch.equal(steered[keep], plain[keep])                  # the original latents outside
+    assert (steered[~keep] - plain[~keep]).abs().max() > 1e-3
