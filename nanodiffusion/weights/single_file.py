@@ -123,12 +123,24 @@ INFER = {"unet": infer_unet_config, "vae": infer_vae_config, "text_encoder": inf
 CONFIG_CLASSES = {component: config_class for component, (_, config_class) in NETWORKS.items()}
 
 
+def _stored_configs(text: str, path: Path) -> tuple[dict, dict]:
+    """The configs our `save_single_file` stored as JSON; a UserError naming the file when they are broken."""
+    try:
+        stored = json.loads(text)
+        configs = {name: CONFIG_CLASSES[name].from_dict(stored[name]) for name in CONFIG_CLASSES}
+        if not isinstance(stored["scheduler"], dict):
+            raise TypeError(f"the scheduler config is a {type(stored['scheduler']).__name__}, not an object")
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        what = f"no {error}" if isinstance(error, KeyError) else str(error)
+        raise UserError(f"{path}: its {METADATA_KEY!r} metadata, the networks' configs, is broken ({what}): "
+                        "convert the model again from its source") from None
+    return configs, stored["scheduler"]
+
+
 def _configs(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> tuple[dict, dict]:
     """({component: config}, scheduler config): from our metadata if present, else inferred from shapes."""
     if METADATA_KEY in metadata:
-        stored = json.loads(metadata[METADATA_KEY])
-        configs = {name: CONFIG_CLASSES[name].from_dict(stored[name]) for name in CONFIG_CLASSES}
-        return configs, stored["scheduler"]
+        return _stored_configs(metadata[METADATA_KEY], path)
     configs = {}
     for component, infer in INFER.items():
         prefix = PREFIXES[component]
