@@ -4,6 +4,8 @@ import json
 
 import torch
 
+from nanodiffusion.atomic import check_output_file
+from nanodiffusion.errors import UserError
 from nanodiffusion.pipelines.ddpm import DDPMPipeline
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -18,7 +20,26 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> None:
+    notes = parse_notes(args.notes)
+    if not args.out.endswith(".safetensors"):
+        raise UserError(f"the model file must end with .safetensors, got {args.out}")
+    check_output_file(args.out, "OUT")
     pipe = DDPMPipeline.from_pretrained(args.checkpoint, use_ema=not args.no_ema)
-    notes = json.loads(args.notes) if args.notes else None
+    size = sum(tensor.numel() for tensor in pipe.unet.state_dict().values()) * DTYPES[args.dtype].itemsize
+    check_output_file(args.out, "OUT", size=size)
     pipe.save_pretrained(args.out, dtype=DTYPES[args.dtype], notes=notes)
     print(f"wrote {args.out}")
+
+
+def parse_notes(text: str | None) -> dict | None:
+    """--notes as a dict: a JSON object, else a UserError that says where the JSON is wrong."""
+    if text is None:
+        return None
+    try:
+        notes = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UserError(f"--notes must be a JSON object such as '{{\"data\": \"fashion-mnist\"}}': {error}") \
+            from None
+    if not isinstance(notes, dict):
+        raise UserError(f"--notes must be a JSON object ({{...}}), got a JSON {type(notes).__name__}")
+    return notes

@@ -15,15 +15,18 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from nanodiffusion.atomic import check_output_file, check_output_folder
 from nanodiffusion.diffusion.sampling_plan import SIGMA_SCHEDULES
 from nanodiffusion.errors import UserError
 from nanodiffusion.images import (
     frame_steps, grid_shape, image_grid, read_png_text, save_gif, save_png, to_pil,
 )
 from nanodiffusion.pipelines.image_loop import generate_each
+from nanodiffusion.pipelines.memory import check_generation_fits
 from nanodiffusion.pipelines.metadata import ModelRecord, read_settings
 from nanodiffusion.pipelines.request import GenerationRequest
 from nanodiffusion.pipelines.text_to_image import TextToImage
+from nanodiffusion.validation import check_seed, finite_float, resolve_device
 from nanodiffusion.weights.components import DTYPES
 from nanodiffusion.weights.models import DEFAULT_TEXT_TO_IMAGE, model_hash, model_path
 
@@ -44,7 +47,7 @@ def add_arguments(p) -> None:
     p.add_argument("--negative", dest="negative_prompt", default=SUPPRESS, help="negative prompt")
     p.add_argument("--steps", dest="num_steps", type=int, default=SUPPRESS,
                    help=f"sampling steps (default: the model's, else {DEFAULTS['num_steps']})")
-    p.add_argument("--guidance", dest="guidance_scale", type=float, default=SUPPRESS,
+    p.add_argument("--guidance", dest="guidance_scale", type=finite_float, default=SUPPRESS,
                    help="classifier-free guidance scale, 1 = none (default: the model's, else "
                         f"{DEFAULTS['guidance_scale']})")
     p.add_argument("--seed", type=int, default=SUPPRESS,
@@ -94,9 +97,8 @@ def build_request(args) -> tuple[GenerationRequest, dict]:
     run = {"model": DEFAULT_TEXT_TO_IMAGE, "dtype": "fp32", "model_hash": None, "device": None,
            "vae_tile": None}
     if args.from_image:
-        settings = read_settings(read_png_text(args.from_image), args.from_image)
-        stored = settings["request"]
-        run.update({key: settings.get(key) for key in run})
+        stored, recorded = _stored_settings(args.from_image)
+        run.update({key: recorded.get(key) for key in run})
     values = {**stored, **{name: given[name] for name in DEFAULTS if name in given}}
     if "size" in given:
         values["width"], values["height"] = given["size"]
@@ -113,7 +115,22 @@ def build_request(args) -> tuple[GenerationRequest, dict]:
         raise UserError(f"--vae-tile must be >= {MIN_VAE_TILE} latent pixels (tiles overlap by 16), "
                         f"got {run['vae_tile']}")
     run["chosen"] = set(values)
-    return GenerationRequest.from_dict(values), run
+    request = GenerationRequest.from_dict(values)
+    check_seed(request.seed, args.num_images, "--seed")          # image k has seed + k
+    return request, run
+
+
+def _stored_settings(png: str) -> tuple[dict, dict]:
+    """The request of a PNG made by this command, checked alone (so that an error names the file), and its
+    other settings."""
+    settings = read_settings(read_png_text(png), png)
+    if settings["dtype"] not in DTYPES:
+        raise UserError(f"{png}: its settings name the dtype {settings['dtype']!r}; valid: {', '.join(DTYPES)}")
+    try:
+        GenerationRequest.from_dict(settings["request"])
+    except UserError as error:
+        raise type(error)(f"{png}: its stored settings are not valid: {error}") from None
+    return settings["request"], settings
 
 
 def output_paths(args, seeds: list[int]) -> tuple[list[Path], Path]:
@@ -129,17 +146,30 @@ def output_paths(args, seeds: list[int]) -> tuple[list[Path], Path]:
     return paths, out.with_name(f"{out.stem}-grid.png")
 
 
+def check_outputs(args, paths: list[Path], grid_path: Path) -> None:
+    """Every file this run writes can be written: checked before the model loads."""
+    if args.out_dir:
+        check_output_folder(args.out_dir, "--out-dir")
+    if args.gif_frames < 1:
+        raise UserError(f"--gif-frames must be >= 1, got {args.gif_frames}")
+    flag = "--out-dir" if args.out_dir else "--out"
+    for path, what in [*((path, flag) for path in paths), *([(grid_path, "--grid")] if args.grid else []),
+                       *([(args.gif, "--gif")] if args.gif else [])]:
+        check_output_file(path, what)
+
+
 def run(args) -> None:
     for name in UNSET_IS_NONE:
         setattr(args, name, getattr(args, name, None))
     request, settings = build_request(args)
     seeds = [request.seed + k for k in range(args.num_images)]
     paths, grid_path = output_paths(args, seeds)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_outputs(args, paths, grid_path)
+    device = resolve_device(args.device)
     path = model_path(settings["model"])
     digest = model_hash(path)
     if args.from_image:
-        _warn_if_different(settings, digest, device)
+        _warn_if_different(settings, digest, device.type)
     pipe = TextToImage.from_pretrained(path, dtype=DTYPES[settings["dtype"]], device=device)
     pipe.show_progress = False
     if "dtype" not in vars(args) and not args.from_image:
@@ -148,12 +178,18 @@ def run(args) -> None:
     # the model's own defaults (the built-in model's guidance, sampler, steps) where nothing chose a value
     request = replace(request, **{key: value for key, value in pipe.generation_defaults.items()
                                   if key not in settings["chosen"]})
-    model = ModelRecord(settings["model"], path, digest, settings["dtype"], torch.device(device).type,
-                        settings["vae_tile"])
+    check_generation_fits(pipe, request, paths[0].parent, len(seeds))
+    model = ModelRecord(settings["model"], path, digest, settings["dtype"], device.type, settings["vae_tile"])
+    _generate(args, pipe, request, model, paths, grid_path)
+
+
+def _generate(args, pipe: TextToImage, request: GenerationRequest, model: ModelRecord, paths: list[Path],
+              grid_path: Path) -> None:
+    """Make and write the images (each as it is done), then the grid and the GIF."""
     previews = frame_steps(request.num_steps, args.gif_frames) if args.gif else set()
-    progress = _Progress(pipe, request, len(seeds), previews)
+    progress = _Progress(pipe, request, len(paths), previews)
     images, texts = [], []
-    for out, (image, text, done) in zip(paths, generate_each(pipe, request, len(seeds), model,
+    for out, (image, text, done) in zip(paths, generate_each(pipe, request, len(paths), model,
                                                              progress=progress)):
         progress.finish(image)
         save_png(image, out, text)

@@ -2,10 +2,18 @@
 
 from pathlib import Path
 
+import torch
+
+from nanodiffusion.atomic import check_output_file, check_output_folder
 from nanodiffusion.diffusion.samplers import SAMPLERS
+from nanodiffusion.errors import UserError
 from nanodiffusion.images import save_png, to_pil
 from nanodiffusion.pipelines.ddpm import DDPMPipeline, save_reverse_gif
+from nanodiffusion.pipelines.memory import check_fits, ddpm_bytes
+from nanodiffusion.validation import finite_float
 from nanodiffusion.weights.models import BUILTIN_DDPM
+
+GIF_FRAMES = 50
 
 
 def add_arguments(p) -> None:
@@ -16,22 +24,38 @@ def add_arguments(p) -> None:
     p.add_argument("--sampler", default="dpmpp_2m_sde", choices=list(SAMPLERS), help="sampler")
     p.add_argument("--steps", type=int, default=20, help="sampling steps (the tutorial's DDPM uses 1000)")
     p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same images")
-    p.add_argument("--guidance", type=float, default=2.0,
+    p.add_argument("--guidance", type=finite_float, default=2.0,
                    help="classifier-free guidance scale for class-conditional models (1 = none)")
     p.add_argument("--label", action="append",
                    help="class to draw (index or name, repeatable); default: cycle through every class")
     p.add_argument("--out", default="samples.png", help="grid PNG")
     p.add_argument("--out-dir", help="also write every image as its own PNG in this folder")
     p.add_argument("--gif", help="write an animated GIF of the reverse process")
-    p.add_argument("--gif-frames", type=int, default=50, help="frames in the GIF (the last one is held)")
+    p.add_argument("--gif-frames", type=int,
+                   help=f"frames in the GIF, x_T to the image, the last one held (default: steps + 1, at most "
+                        f"{GIF_FRAMES})")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA ones")
 
 
 def run(args) -> None:
+    gif_frames = (args.gif_frames if args.gif_frames is not None else min(GIF_FRAMES, args.steps + 1)) \
+        if args.gif else 0
+    check_output_file(args.out, "--out")
+    if args.gif:
+        check_output_file(args.gif, "--gif")
+        if not 2 <= gif_frames <= args.steps + 1:
+            raise UserError(f"--gif-frames must be from 2 (x_T and the image) to --steps + 1 = {args.steps + 1}, "
+                            f"got {gif_frames}")
+    if args.out_dir:
+        check_output_folder(args.out_dir, "--out-dir")
     pipe = DDPMPipeline.from_pretrained(args.model, use_ema=not args.no_ema)
+    guided = bool(pipe.num_classes) and args.guidance != 1
+    check_fits(ddpm_bytes(pipe, args.num_images, guided, gif_frames), torch.device("cpu"),
+               f"sampling {args.num_images} images at once" + (f" with {gif_frames} GIF frames" if gif_frames else ""),
+               "ask for fewer images (-n)" + (" or --gif-frames" if gif_frames else ""))
     result = pipe.sample_grid(args.out, num_images=args.num_images, sampler=args.sampler, num_steps=args.steps,
                               seed=args.seed, guidance_scale=args.guidance, labels=args.label,
-                              gif_frames=args.gif_frames if args.gif else 0)
+                              gif_frames=gif_frames)
     print(f"wrote {args.out}")
     if args.gif:
         save_reverse_gif(result.frames, args.gif, cols=_grid_cols(pipe, args.num_images))

@@ -22,13 +22,15 @@ from nanodiffusion.diffusion.sampling_plan import SchedulerSettings, final_laten
 from nanodiffusion.errors import UserError
 from nanodiffusion.images import to_pil
 from nanodiffusion.nets.vae_tiling import decode_sliced, decode_tiled
+from nanodiffusion.pipelines.arguments import check_generate_inputs
 from nanodiffusion.pipelines.img2img import ImageInput, prepare_images, prepare_mask
 from nanodiffusion.pipelines.prompts import count_chunks, encode_prompts
 from nanodiffusion.pipelines.request import (
-    OUTPUT_TYPES, GenerationRequest, TextToImageOutput, check_generation_defaults, read_generation_defaults,
+    GenerationRequest, TextToImageOutput, check_generation_defaults, read_generation_defaults,
 )
 from nanodiffusion.weights import file_pages, load_sd
 from nanodiffusion.weights.components import SD15_SCHEDULER, resolve_dtype
+from nanodiffusion.validation import resolve_device
 from nanodiffusion.weights.models import model_path
 
 
@@ -78,6 +80,7 @@ class TextToImage:
         bf16 on a CPU (measured faster there for both networks: benchmarks/README.md) and leaves the rest.
         """
         path = model_path(path_or_repo)
+        device = resolve_device(device)
         if memory_format is None:
             on_cpu = torch.device(device).type == "cpu"
             memory_format = torch.channels_last if on_cpu and resolve_dtype(dtype) == torch.bfloat16 \
@@ -87,7 +90,9 @@ class TextToImage:
                         memory_format=memory_format)
         if parts.tokenizer is None:
             raise UserError(f"{path_or_repo} holds no tokenizer and its text encoder is not CLIP's (SD v1.x's): "
-                            "pass tokenizer=CLIPTokenizer.from_pretrained(the model's tokenizer folder)")
+                            "in Python pass tokenizer=CLIPTokenizer.from_pretrained(the model's tokenizer "
+                            "folder); on the command line make it a diffusers folder first: nanodiffusion "
+                            "convert FILE FOLDER --tokenizer TOKENIZER_FOLDER, then --model FOLDER")
         defaults = read_generation_defaults(path) if path.is_dir() else {}
         return cls(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.scheduler_config,
                    generation_defaults=defaults)
@@ -176,10 +181,8 @@ class TextToImage:
         `image`: init image(s) for img2img, one or one per prompt; `mask_image`: repaint where it is white;
         `callback(i, x, denoised)` runs after each step (`decode_latents(denoised)` previews it).
         """
-        if output_type not in OUTPUT_TYPES:
-            raise UserError(f"unknown output_type {output_type!r}; valid: {', '.join(OUTPUT_TYPES)}")
-        if mask_image is not None and image is None:
-            raise UserError("mask_image needs the image to inpaint: pass image= too")
+        check_generate_inputs(self.device, request, generator=generator, latents=latents, image=image,
+                              mask_image=mask_image, output_type=output_type, callback=callback)
         init_images = prepare_images(image) if image is not None else None
         request, generator = self._settle(request, generator, init_images)
         sampler = resolve_sampler(request.sampler)
@@ -199,6 +202,8 @@ class TextToImage:
                 model = inpainting_denoiser(model, original, noise, mask)
         x = self._sample(sampler, model, x, sigmas, generator, callback)
         x = final_latent(sampler, x, sigmas)
+        if not x.isfinite().all():
+            raise UserError(diverged_message(self.dtype, request.guidance_scale))
         if mask_image is not None:
             x = mask * x + (1 - mask) * original              # DDIM and PLMS end above sigma = 0
         return TextToImageOutput(self._postprocess(x, output_type), request)
@@ -293,6 +298,8 @@ class TextToImage:
 
         NaNs from a float16 VAE (it overflows on some latents) are reported and the VAE is upcast to float32.
         """
+        if not latents.isfinite().all():
+            raise UserError(diverged_message(self.dtype))
         z = latents / self.vae.config.scaling_factor
         vae_dtype = next(self.vae.parameters()).dtype
         images = self._decode(z.to(self.device, vae_dtype))
@@ -302,8 +309,7 @@ class TextToImage:
             self.vae.float()
             images = self._decode(z.to(self.device, torch.float32))
         if not images.isfinite().all():
-            raise UserError("the image has NaN pixels: the UNet overflowed (try dtype bfloat16 or float32)"
-                            if not latents.isfinite().all() else "the VAE produced NaN pixels")
+            raise UserError("the VAE produced NaN pixels from finite latents")
         return images
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -323,3 +329,14 @@ class TextToImage:
         if output_type == "np":
             return (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()     # (N, H, W, 3)
         return to_pil(images)
+
+
+def diverged_message(dtype: torch.dtype, guidance_scale: float | None = None) -> str:
+    """What NaN or infinite latents after sampling mean, for the error that reports them."""
+    if dtype != torch.float32:
+        return f"the latents became NaN or infinite: the UNet overflowed in {dtype} (try float32)"
+    if guidance_scale is not None and guidance_scale > 30:
+        cause = f"guidance_scale {guidance_scale:g} is far above the usual 1 to 30"
+    else:
+        cause = "a very large guidance scale or prompt emphasis weight does that (usual: 1 to 30, 0.5 to 1.5)"
+    return f"the latents became NaN or infinite while sampling in float32: {cause}"
