@@ -15,8 +15,9 @@ FLOORS = [
     {"nanodiffusion", "errors"},            # "nanodiffusion": the package's __init__
     {"config", "atomic", "validation"},
     {"images", "tokenizer"},
-    {"nets", "diffusion", "data"},
+    {"nets", "diffusion", "data", "control_images"},
     {"weights"},
+    {"adapters"},
     {"pipelines"},
     {"evaluation"},
     {"training", "server"},

@@ -5,8 +5,10 @@ import pytest
 import torch
 
 from nanodiffusion.diffusion.denoisers import cfg_denoiser
+from nanodiffusion.diffusion.sampler_options import schedule_inputs
 from nanodiffusion.diffusion.samplers import SAMPLERS, get_sampler, resolve_sampler
-from nanodiffusion.diffusion.samplers_multistep import lms_coefficient, sample_dpmpp_2m, sample_dpmpp_2m_sde
+from nanodiffusion.diffusion.samplers_dpmpp import sample_dpmpp_2m, sample_dpmpp_2m_sde
+from nanodiffusion.diffusion.samplers_multistep import lms_coefficient
 from nanodiffusion.diffusion.samplers_onestep import (
     sample_ddim, sample_ddpm, sample_euler, sample_heun, sample_lcm,
 )
@@ -17,18 +19,7 @@ from nanodiffusion.diffusion.schedules import (
 )
 from nanodiffusion.errors import UserError
 
-MU, S = 0.3, 0.5
-
-
-def gaussian_denoiser(x, sigma):
-    """The optimal denoiser E[x0 | x] for x0 ~ N(MU, S²) and x = x0 + sigma·eps."""
-    sigma = torch.as_tensor(sigma, dtype=x.dtype)
-    return MU + (x - MU) * S**2 / (S**2 + sigma**2)
-
-
-def start(n, sigma_max, seed=0):
-    noise = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-    return noise, MU + noise * (S**2 + sigma_max**2) ** 0.5
+from gaussian_data import MU, S, gaussian_consistency, gaussian_denoiser, start
 
 
 @pytest.mark.parametrize("sampler, order", [(sample_euler, 1), (sample_heun, 2), (sample_dpmpp_2m, 2),
@@ -109,11 +100,6 @@ def test_stochastic_samplers_end_with_the_data_distribution(name, options):
     assert x.std().item() == pytest.approx(S, rel=0.02)
 
 
-def gaussian_consistency(x, sigma):
-    """The exact consistency function of N(MU, S²) data: the probability-flow ODE solution at sigma = 0."""
-    return MU + (x - MU) * S / (S**2 + torch.as_tensor(sigma, dtype=x.dtype) ** 2) ** 0.5
-
-
 @pytest.mark.parametrize("steps", [1, 4])
 def test_lcm_with_the_exact_consistency_function_samples_the_data_at_any_step_count(steps):
     sigmas = make_sigmas("lcm", steps, get_alphas_cumprod(ScheduleConfig("scaled_linear")))
@@ -142,13 +128,15 @@ def test_ddim_eta1_equals_ddpm_posterior_variance():
 
 @pytest.mark.parametrize("name", list(SAMPLERS))
 def test_every_sampler_is_reproducible_keeps_shapes_and_reports_every_step(name):
-    sigmas = make_sigmas(name, 6, get_alphas_cumprod(ScheduleConfig("scaled_linear")))
+    sigmas = make_sigmas(name, 6, SD_ALPHAS_CUMPROD)
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     x_T = noise * initial_noise_scale(name, sigmas)
     seen = []
-    a = SAMPLERS[name].function(gaussian_denoiser, x_T, sigmas, generator=torch.Generator().manual_seed(7),
-                       callback=lambda i, x, d: seen.append((i, x.shape, d.shape)))
-    b = SAMPLERS[name].function(gaussian_denoiser, x_T, sigmas, generator=torch.Generator().manual_seed(7))
+    function = SAMPLERS[name].function
+    inputs = schedule_inputs(function, SD_ALPHAS_CUMPROD)                             # TCD's timesteps
+    a = function(gaussian_denoiser, x_T, sigmas, generator=torch.Generator().manual_seed(7),
+                 callback=lambda i, x, d: seen.append((i, x.shape, d.shape)), **inputs)
+    b = function(gaussian_denoiser, x_T, sigmas, generator=torch.Generator().manual_seed(7), **inputs)
     assert torch.equal(a, b) and a.shape == x_T.shape and a.dtype == x_T.dtype and torch.isfinite(a).all()
     assert seen == [(i, x_T.shape, x_T.shape) for i in range(6)]
 

@@ -101,6 +101,23 @@ def test_cached_upsampling_kernel_follows_weight_changes():
         assert torch.allclose(upsample(x.bfloat16(), (8, 8)).float(), reference(x, (8, 8)), atol=0.05)
 
 
+def test_cached_upsampling_kernel_follows_swapped_weights():
+    """A weight swapped for a new tensor (as LoRAs do) may get a freed weight's id and memory: no stale kernel.
+
+    The reuse is up to Python's and the allocator's free lists, so it is provoked many times over."""
+    torch.manual_seed(0)
+    upsample, reference = Upsample(4).eval(), blocks.Upsample(4)
+    x = torch.randn(1, 4, 4, 4)
+    with torch.no_grad():
+        for _ in range(300):
+            upsample.conv.weight = torch.nn.Parameter(torch.randn(4, 4, 3, 3))
+            upsample(x, (8, 8))                                        # caches the kernel of this weight
+            del upsample.conv.weight                                   # frees it: its id and memory are free
+            upsample.conv.weight = torch.nn.Parameter(torch.randn(4, 4, 3, 3))
+            reference.load_state_dict(upsample.state_dict())
+            assert torch.allclose(upsample(x, (8, 8)), reference(x, (8, 8)), atol=1e-5)
+
+
 def test_in_place_inference_matches_autograd_forward():
     model = randomize_(SDUNet(TINY_UNET), seed=0)
     x, t, context = _unet_inputs()

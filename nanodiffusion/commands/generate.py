@@ -189,8 +189,8 @@ def _generate(args, pipe: TextToImage, request: GenerationRequest, model: ModelR
     previews = frame_steps(request.num_steps, args.gif_frames) if args.gif else set()
     progress = _Progress(pipe, request, len(paths), previews)
     images, texts = [], []
-    for out, (image, text, done) in zip(paths, generate_each(pipe, request, len(paths), model,
-                                                             progress=progress)):
+    for out, (image, text, done, _) in zip(paths, generate_each(pipe, request, len(paths), model,
+                                                                progress=progress)):
         progress.finish(image)
         save_png(image, out, text)
         print(f"wrote {out} (seed {done.seed})")

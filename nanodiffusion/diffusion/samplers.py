@@ -3,19 +3,24 @@ the other names it goes by. Adding a sampler is one entry in SAMPLERS.
 
 Every sampler has the signature `sample_NAME(model, x, sigmas, *, generator=None, callback=None, **options)`,
 works on x = x0 + sigma·eps (k-diffusion's parametrisation) and returns x at sigmas[-1]. One-step methods
-live in samplers_onestep, multistep ones in samplers_multistep; `sampling_plan.make_sigmas` builds the grid
-on which each retraces its diffusers scheduler (docs/samplers.md has the table).
+live in samplers_onestep, multistep ones in samplers_multistep, the DPM-Solver++ family in samplers_dpmpp and
+Restart in samplers_restart; `sampling_plan.make_sigmas` builds the grid on which each retraces its diffusers
+scheduler (docs/samplers.md has the table); `sampler_options(name)` lists the options a sampler takes.
 """
 
 from typing import Callable, NamedTuple
 
-from nanodiffusion.diffusion.samplers_multistep import (
-    sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_lms, sample_plms, sample_unipc,
+from nanodiffusion.diffusion.sampler_options import accepted_options
+from nanodiffusion.diffusion.samplers_dpmpp import (
+    sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_2m_sde_heun, sample_dpmpp_2s_ancestral,
+    sample_dpmpp_3m_sde, sample_dpmpp_sde,
 )
+from nanodiffusion.diffusion.samplers_multistep import sample_lms, sample_plms, sample_unipc
 from nanodiffusion.diffusion.samplers_onestep import (
     sample_ddim, sample_ddpm, sample_dpm_2, sample_dpm_2_ancestral, sample_euler, sample_euler_ancestral,
-    sample_heun, sample_lcm,
+    sample_heun, sample_lcm, sample_tcd,
 )
+from nanodiffusion.diffusion.samplers_restart import sample_restart
 from nanodiffusion.errors import UserError
 
 
@@ -34,7 +39,8 @@ class Grid(NamedTuple):
 #                interpolated linearly in sigma; Karras/exponential grids span the spaced grid's ends.
 #   "multistep": DPMSolverMultistep/UniPCMultistepScheduler: n+1 spaced integer timesteps less the last
 #                (t = 0 for linspace); Karras/exponential grids span the whole table.
-#   "lcm":       LCMScheduler: n of the `original_steps` timesteps it was distilled on; no spacing option.
+#   "lcm":       LCM/TCDScheduler: n of the `original_steps` timesteps it was distilled on; no spacing option.
+# Samplers diffusers lacks take the family of the scheduler class closest to theirs.
 DISCRETE = Grid("discrete", "leading", "zero")
 DISCRETE_TO_SIGMA_MIN = Grid("discrete", "leading", "sigma_min")
 K_DIFFUSION = Grid("k", "linspace", "zero")
@@ -64,9 +70,21 @@ SAMPLERS = {
                                ("k_dpm_2_ancestral", "KDPM2AncestralDiscreteScheduler")),
     "dpmpp_2m": Sampler(sample_dpmpp_2m, MULTISTEP, "DPM++ 2M",
                         ("dpm++_2m", "dpmsolver++", "DPMSolverMultistepScheduler")),
-    "dpmpp_2m_sde": Sampler(sample_dpmpp_2m_sde, MULTISTEP, "DPM++ 2M SDE", ("dpm++_2m_sde",)),
+    "dpmpp_2m_sde": Sampler(sample_dpmpp_2m_sde, MULTISTEP, "DPM++ 2M SDE",
+                            ("dpm++_2m_sde", "dpmpp_2m_sde_gpu")),
     "unipc": Sampler(sample_unipc, MULTISTEP, "UniPC", ("uni_pc", "UniPCMultistepScheduler")),
     "lcm": Sampler(sample_lcm, Grid("lcm", None, "zero"), "LCM", ("LCMScheduler",)),
+    "dpmpp_2s_ancestral": Sampler(sample_dpmpp_2s_ancestral, K_DIFFUSION, "DPM++ 2S a",
+                                  ("k_dpmpp_2s_a", "dpm++_2s_a")),
+    "dpmpp_sde": Sampler(sample_dpmpp_sde, K_DIFFUSION, "DPM++ SDE",
+                         ("k_dpmpp_sde", "dpm++_sde", "dpmpp_sde_gpu", "DPMSolverSDEScheduler")),
+    # DPMSolverMultistepScheduler with solver_type "heun", and with solver_order 3
+    "dpmpp_2m_sde_heun": Sampler(sample_dpmpp_2m_sde_heun, MULTISTEP, "DPM++ 2M SDE Heun",
+                                 ("k_dpmpp_2m_sde_heun",)),
+    "dpmpp_3m_sde": Sampler(sample_dpmpp_3m_sde, MULTISTEP, "DPM++ 3M SDE",
+                            ("k_dpmpp_3m_sde", "dpm++_3m_sde", "dpmpp_3m_sde_gpu")),
+    "restart": Sampler(sample_restart, K_DIFFUSION, "Restart"),
+    "tcd": Sampler(sample_tcd, Grid("lcm", None, "sigma_min"), "TCD", ("TCDScheduler",)),     # ends at ᾱ_0
 }
 # every other name of a sampler -> its name in SAMPLERS
 ALIASES = {alias: name for name, sampler in SAMPLERS.items() for alias in (*sampler.aliases, sampler.a1111)}
@@ -84,3 +102,8 @@ def resolve_sampler(name: str) -> str:
 def get_sampler(name: str) -> Callable:
     """The sampler function called `name` or an alias of it; a UserError listing the valid names."""
     return SAMPLERS[resolve_sampler(name)].function
+
+
+def sampler_options(name: str) -> dict[str, object]:
+    """The options sampler `name` takes and their defaults, e.g. {"eta": 1.0, "s_noise": 1.0} for Euler a."""
+    return accepted_options(get_sampler(name))

@@ -21,22 +21,54 @@ import torch
 
 from nanodiffusion.diffusion.samplers import SAMPLERS, Grid, resolve_sampler
 from nanodiffusion.diffusion.schedules import (
-    ScheduleConfig, alphas_cumprod_to_sigmas, check_num_steps, get_alphas_cumprod, get_sigmas_exponential,
-    get_sigmas_karras, get_timesteps, t_to_sigma,
+    AYS_SD15_SIGMAS, ScheduleConfig, alphas_cumprod_to_sigmas, check_num_steps, get_alphas_cumprod,
+    get_sigmas_align_your_steps, get_sigmas_beta, get_sigmas_ddim_uniform, get_sigmas_exponential,
+    get_sigmas_karras, get_sigmas_normal, get_sigmas_simple, get_timesteps, t_to_sigma,
 )
 from nanodiffusion.errors import UserError
+
+
 
 class SigmaSchedule(NamedTuple):
     """A way to space the sigmas of a grid, and its label in A1111 ("Schedule type")."""
 
-    make: Callable | None       # (n, sigma_min, sigma_max) -> n sigmas then 0; None: the scheduler's own
+    make: Callable | None       # n sigmas then 0, from the arguments `span` names; None: the scheduler's own
     a1111: str
+    # "sampler": make(n, sigma_min, sigma_max) over the span of the sampler's own grid, as diffusers'
+    # use_karras_sigmas; "table": make(n, table) from the (T,) increasing table, A1111's whatever the sampler
+    span: str = "sampler"
+
+
+def _sigmas_beta(n: int, table: torch.Tensor) -> torch.Tensor:
+    """A1111's "Beta" spans the whole table."""
+    return get_sigmas_beta(n, float(table[0]), float(table[-1]))
+
+
+def _sigmas_sgm_uniform(n: int, table: torch.Tensor) -> torch.Tensor:
+    return get_sigmas_normal(n, table, sgm=True)
+
+
+def _sigmas_align_your_steps(n: int, table: torch.Tensor) -> torch.Tensor:
+    """AYS's published sigmas are rounded to 3 decimals and only fit SD v1.x's schedule (0.0292 to 14.61)."""
+    sigma_min, sigma_max = float(table[0]), float(table[-1])
+    if abs(AYS_SD15_SIGMAS[0] - sigma_max) > 1e-3 or abs(AYS_SD15_SIGMAS[-1] - sigma_min) > 1e-3:
+        raise UserError(f"align_your_steps has sigmas for SD v1.x's noise schedule ({AYS_SD15_SIGMAS[-1]} to "
+                        f"{AYS_SD15_SIGMAS[0]}); this model's runs from {sigma_min:.4g} to {sigma_max:.4g}")
+    return get_sigmas_align_your_steps(n)
 
 
 SIGMA_SCHEDULES = {
     "default": SigmaSchedule(None, "Automatic"),                        # the scheduler's spaced timesteps
     "karras": SigmaSchedule(get_sigmas_karras, "Karras"),               # Karras et al. 2022, eq. 5
     "exponential": SigmaSchedule(get_sigmas_exponential, "Exponential"),
+    # A1111's schedules (its modules/sd_schedulers.py); "SGM Uniform" before "Uniform", which it ends with
+    "sgm_uniform": SigmaSchedule(_sigmas_sgm_uniform, "SGM Uniform", "table"),
+    "uniform": SigmaSchedule(get_sigmas_normal, "Uniform", "table"),
+    "normal": SigmaSchedule(get_sigmas_normal, "Normal", "table"),
+    "simple": SigmaSchedule(get_sigmas_simple, "Simple", "table"),
+    "ddim": SigmaSchedule(get_sigmas_ddim_uniform, "DDIM", "table"),
+    "beta": SigmaSchedule(_sigmas_beta, "Beta", "table"),
+    "align_your_steps": SigmaSchedule(_sigmas_align_your_steps, "Align Your Steps", "table"),
 }
 FINAL_SIGMAS = ("zero", "sigma_min")
 
@@ -87,32 +119,40 @@ def make_sigmas(sampler: str, num_steps: int, alphas_cumprod: torch.Tensor, *,
                 final_sigma: str | None = None, original_steps: int = 50) -> torch.Tensor:
     """Return the float64 sigma grid (num_steps + 1 values, decreasing) on which `sampler` retraces diffusers.
 
-    `sigma_schedule`: "default" (the spaced timesteps), "karras" (Karras et al. 2022, eq. 5) or "exponential",
-    as diffusers' use_karras_sigmas / use_exponential_sigmas; `spacing`: timestep_spacing "leading",
-    "trailing" or "linspace" (None: the scheduler's default); `final_sigma`: "zero" or "sigma_min".
+    `sigma_schedule`: a key of SIGMA_SCHEDULES: "default" (the spaced timesteps), "karras" (Karras et al.
+    2022, eq. 5) or "exponential" as diffusers' use_karras_sigmas / use_exponential_sigmas, or one of A1111's;
+    `spacing`: timestep_spacing "leading", "trailing" or "linspace" (None: the scheduler's default; LCM and
+    TCD take none); `final_sigma`: "zero" or "sigma_min".
     """
     family, default_spacing, default_final = _grid(sampler)
-    make_grid = SIGMA_SCHEDULES[check_sigma_schedule(sigma_schedule)].make
+    schedule = SIGMA_SCHEDULES[check_sigma_schedule(sigma_schedule)]
     final_sigma = final_sigma or default_final
     if final_sigma not in FINAL_SIGMAS:
         raise UserError(f"unknown final sigma {final_sigma!r}; valid: {', '.join(FINAL_SIGMAS)}")
+    if family == "lcm" and spacing is not None:
+        raise UserError(f"{sampler} walks its own distillation timesteps: leave spacing unset")
     table = alphas_cumprod_to_sigmas(alphas_cumprod.double())                          # (T,) increasing
     T = len(table)
     check_num_steps(num_steps, T)
-    if family == "lcm":
-        if spacing is not None or sigma_schedule != "default":
-            raise UserError("lcm walks its own distillation timesteps: leave spacing and sigma_schedule "
-                            "unset")
-        t = _lcm_timesteps(num_steps, T, original_steps)
+    if schedule.span == "table":
+        sigmas = schedule.make(num_steps, table)[:-1]
     else:
-        t = _spaced_timesteps(family, num_steps, T, spacing or default_spacing, steps_offset)
-    sigmas = t_to_sigma(t, table, interpolation="linear")                             # (num_steps,)
-    if sigma_schedule != "default":
+        if family == "lcm":
+            t = _lcm_timesteps(num_steps, T, original_steps)
+        else:
+            t = _spaced_timesteps(family, num_steps, T, spacing or default_spacing, steps_offset)
+        sigmas = t_to_sigma(t, table, interpolation="linear")                         # (num_steps,)
+    if schedule.span == "sampler" and schedule.make is not None:
         # diffusers' k-schedulers stretch the new grid over the spaced one, the multistep ones over the table
-        low, high = (table[0], table[-1]) if family == "multistep" else (sigmas[-1], sigmas[0])
-        sigmas = make_grid(num_steps, float(low), float(high))[:-1]
+        low, high = (table[0], table[-1]) if family in ("multistep", "lcm") else (sigmas[-1], sigmas[0])
+        sigmas = schedule.make(num_steps, float(low), float(high))[:-1]
     last = table[:1] if final_sigma == "sigma_min" else table.new_zeros(1)
     return torch.cat([sigmas, last])
+
+
+def uses_spacing(sampler: str) -> bool:
+    """False for samplers that walk their own timesteps (LCM, TCD): a model's spacing is not theirs."""
+    return _grid(sampler).family != "lcm"
 
 
 def _holds_vp(sampler: str) -> bool:
@@ -193,5 +233,6 @@ class SchedulerSettings:
         """The float64 sigma grid on which `sampler` retraces its diffusers scheduler under these settings."""
         sampler = resolve_sampler(sampler)
         final = "zero" if sampler in ("ddim", "plms") and self.set_alpha_to_one else None
+        spacing = self.spacing if uses_spacing(sampler) else None     # LCM/TCD ignore the folder's spacing
         return make_sigmas(sampler, num_steps, self.alphas_cumprod, sigma_schedule=sigma_schedule,
-                           spacing=self.spacing, steps_offset=self.steps_offset, final_sigma=final)
+                           spacing=spacing, steps_offset=self.steps_offset, final_sigma=final)

@@ -4,18 +4,16 @@ UserError, or a UserTypeError (also a TypeError) for a wrong type, naming the ar
 valid.
 """
 
-import inspect
 from collections.abc import Sequence
 
 import torch
 from PIL import Image
 
+from nanodiffusion.diffusion.sampler_options import check_options
 from nanodiffusion.diffusion.samplers import SAMPLERS, resolve_sampler
 from nanodiffusion.errors import UserError, UserTypeError
 from nanodiffusion.pipelines.request import OUTPUT_TYPES, GenerationRequest
 from nanodiffusion.validation import check_float, check_int, check_seed, check_text
-
-_SAMPLER_ARGUMENTS = {"model", "x", "sigmas", "generator", "callback"}     # what the pipelines pass themselves
 
 
 def check_generate_inputs(device: torch.device, request, *, generator, latents, image, mask_image,
@@ -77,11 +75,7 @@ def check_ddpm_call(num_images: int, *, sampler: str, num_steps: int, seed: int,
             isinstance(label, str) or (isinstance(label, int) and not isinstance(label, bool))
             for label in labels)):
         raise UserTypeError(f"labels must be a list of class indices or class names, got {labels!r}")
-    accepted = set(inspect.signature(SAMPLERS[sampler].function).parameters) - _SAMPLER_ARGUMENTS
-    unknown = sorted(set(options) - accepted)
-    if unknown:
-        raise UserTypeError(f"sampler {sampler!r} takes no option {', '.join(unknown)}; its options: "
-                            f"{', '.join(sorted(accepted)) or 'none'}")
+    check_options(sampler, SAMPLERS[sampler].function, options)
     return sampler
 
 

@@ -7,6 +7,7 @@ import torch
 from tqdm.auto import tqdm
 
 from nanodiffusion.diffusion.denoisers import Denoiser, cfg_denoiser
+from nanodiffusion.diffusion.sampler_options import schedule_inputs
 from nanodiffusion.diffusion.samplers import SAMPLERS
 from nanodiffusion.diffusion.sampling_plan import SchedulerSettings, final_latent, initial_noise_scale
 from nanodiffusion.diffusion.schedules import ScheduleConfig, check_num_steps
@@ -121,8 +122,10 @@ class DDPMPipeline:
             if i in record:
                 frames.append(_vp(x_i, sigmas[i + 1]).clamp(-1, 1))
 
-        x = SAMPLERS[sampler].function(model, x, sigmas, generator=generator, callback=callback,
-                                       **sampler_options)
+        function = SAMPLERS[sampler].function
+        # TCD reads the timesteps, PLMS extrapolates the network's own output (diffusers' PNDMScheduler)
+        inputs = schedule_inputs(function, self.scheduler.alphas_cumprod, self.scheduler.prediction)
+        x = function(model, x, sigmas, generator=generator, callback=callback, **inputs, **sampler_options)
         bar.close()
         x = final_latent(sampler, x, sigmas)
         return SampleResult(x.clamp(-1, 1), class_labels, frames)

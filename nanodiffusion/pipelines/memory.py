@@ -36,7 +36,8 @@ def unet_activation_bytes(config, batch: int, height: int, width: int, element_s
 def vae_decode_bytes(config, batch: int, height: int, width: int, element_size: int) -> int:
     """About the activations of decoding `batch` images of height x width: at each level the maps that come
     up from the level below and about 4 of the level's own width; plus the float32 images."""
-    channels = config.block_channels
+    # TAESD (AutoencoderTinyConfig) is one width at its 4 resolutions
+    channels = getattr(config, "block_channels", None) or (config.decoder_channels,) * 4
     work = 0
     for level, level_channels in enumerate(channels):
         area = math.ceil(height / 2**level) * math.ceil(width / 2**level)

@@ -30,7 +30,7 @@ class GenerationRequest(JSONConfig):
     prompt: str | list[str]
     negative_prompt: str | list[str] | None = None
     num_steps: int = 50
-    guidance_scale: float = 7.5          # classifier-free guidance w; 1: none, 0: unconditional
+    guidance_scale: float = 7.5          # classifier-free guidance w; <= 1: none (as diffusers)
     seed: int | None = None              # None: a random seed, recorded in the output
     height: int | None = None            # None: the init image's size, else the model's (512 for SD v1.x)
     width: int | None = None

@@ -8,6 +8,7 @@ stochastic samplers' step noise. diffusers' StableDiffusionPipeline draws the sa
 from one generator, so both give the same images (tests/test_pipeline_parity.py).
 """
 
+import functools
 import random
 import warnings
 from dataclasses import replace
@@ -16,9 +17,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from nanodiffusion.diffusion.denoisers import Denoiser, cfg_denoiser, inpainting_denoiser, lcm_boundary_condition
+from nanodiffusion.adapters import LoRAAdapters, load_textual_inversion
+from nanodiffusion.diffusion.denoisers import (
+    Denoiser, cfg_denoiser, inpainting_denoiser, lcm_boundary_condition,
+)
+from nanodiffusion.diffusion.sampler_options import schedule_inputs
 from nanodiffusion.diffusion.samplers import SAMPLERS, resolve_sampler
-from nanodiffusion.diffusion.sampling_plan import SchedulerSettings, final_latent, img2img_sigmas, initial_noise_scale
+from nanodiffusion.diffusion.sampling_plan import (
+    SchedulerSettings, final_latent, img2img_sigmas, initial_noise_scale,
+)
 from nanodiffusion.errors import UserError
 from nanodiffusion.images import to_pil
 from nanodiffusion.nets.vae_tiling import decode_sliced, decode_tiled
@@ -28,9 +35,10 @@ from nanodiffusion.pipelines.prompts import count_chunks, encode_prompts
 from nanodiffusion.pipelines.request import (
     GenerationRequest, TextToImageOutput, check_generation_defaults, read_generation_defaults,
 )
-from nanodiffusion.weights import file_pages, load_sd
+from nanodiffusion.weights import file_pages, load_sd, load_vae
 from nanodiffusion.weights.components import SD15_SCHEDULER, resolve_dtype
 from nanodiffusion.validation import resolve_device
+from nanodiffusion.weights.families import FAMILY_DEFAULTS, detect_family
 from nanodiffusion.weights.models import model_path
 
 
@@ -71,10 +79,12 @@ class TextToImage:
     @classmethod
     def from_pretrained(cls, path_or_repo: str | Path, *, dtype: torch.dtype | str = torch.float32,
                         device: str | torch.device = "cpu", tokenizer=None,
-                        memory_format: torch.memory_format | None = None) -> "TextToImage":
+                        memory_format: torch.memory_format | None = None, vae=None) -> "TextToImage":
         """Load a diffusers folder, a single-file checkpoint, a Hugging Face repo id or a built-in model name
-        ("builtin": `weights.models.model_path`). A single file holds no tokenizer: an SD v1.x one gets CLIP's (`CLIPTokenizer.clip()`), others need `tokenizer=`
-        (`CLIPTokenizer.from_pretrained(folder)`).
+        ("builtin": `weights.models.model_path`). A single file holds no tokenizer: an SD v1.x one gets CLIP's
+        (`CLIPTokenizer.clip()`), others need `tokenizer=` (`CLIPTokenizer.from_pretrained(folder)`). `vae`
+        replaces the model's autoencoder: a module or an autoencoder folder (`weights.load_vae`: TAESD's
+        AutoencoderTiny, or an AutoencoderKL).
 
         `memory_format` lays the UNet's and VAE's conv weights out (see `to`); None picks channels_last for
         bf16 on a CPU (measured faster there for both networks: benchmarks/README.md) and leaves the rest.
@@ -93,7 +103,12 @@ class TextToImage:
                             "in Python pass tokenizer=CLIPTokenizer.from_pretrained(the model's tokenizer "
                             "folder); on the command line make it a diffusers folder first: nanodiffusion "
                             "convert FILE FOLDER --tokenizer TOKENIZER_FOLDER, then --model FOLDER")
-        defaults = read_generation_defaults(path) if path.is_dir() else {}
+        if vae is not None:
+            parts.vae = vae if isinstance(vae, torch.nn.Module) else load_vae(
+                vae, dtype=dtype, device=device, memory_format=memory_format)
+        # the model family's settings (SD-Turbo: 1 step, no guidance), then the folder's own file
+        defaults = {**FAMILY_DEFAULTS[detect_family(parts.text_encoder.config, parts.scheduler_config)],
+                    **(read_generation_defaults(path) if path.is_dir() else {})}
         return cls(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.scheduler_config,
                    generation_defaults=defaults)
 
@@ -244,14 +259,14 @@ class TextToImage:
 
     def _guided_denoiser(self, request: GenerationRequest):
         """D(x, sigma) for the whole batch: each prompt repeated per image, classifier-free guidance as one
-        batched UNet call (none at guidance 1)."""
-        guided = request.guidance_scale != 1
+        batched UNet call; none at guidance <= 1 (diffusers' rule, so SD-Turbo's guidance 0 is one call)."""
+        guided = request.guidance_scale > 1
         cond, uncond = self.encode_prompt(request.prompts, request.negative_prompts if guided else None,
                                           clip_skip=request.clip_skip, emphasis=request.emphasis)
         n = request.num_images_per_prompt
         cond = {"context": cond.repeat_interleave(n, dim=0)}                     # (N, 77·K, D)
         uncond = {"context": uncond.repeat_interleave(n, dim=0)} if guided else None
-        model = cfg_denoiser(self.denoiser, cond, uncond, request.guidance_scale)
+        model = cfg_denoiser(self.denoiser, cond, uncond, request.guidance_scale if guided else 1.0)
         if resolve_sampler(request.sampler) == "lcm":
             model = lcm_boundary_condition(model, self.schedule.alphas_cumprod)
         return model
@@ -274,9 +289,13 @@ class TextToImage:
         """Scaled latents of the init images, one posterior draw each, repeated for each output image."""
         vae_dtype = next(self.vae.parameters()).dtype
         posterior = self.vae.encode(images.to(self.device, vae_dtype))
-        # posterior.sample(generator) would draw on the VAE's device; we draw on the generator's (portable)
-        draw = torch.randn(posterior.mean.shape, generator=generator, device=generator.device)
-        latents = (posterior.mean + posterior.std * draw.to(self.device, vae_dtype)).float()
+        if isinstance(posterior, torch.Tensor):            # TAESD's encoder is deterministic: no draw
+            latents = posterior.float()
+        else:
+            # posterior.sample(generator) would draw on the VAE's device; we draw on the generator's
+            # (portable)
+            draw = torch.randn(posterior.mean.shape, generator=generator, device=generator.device)
+            latents = (posterior.mean + posterior.std * draw.to(self.device, vae_dtype)).float()
         latents = latents * self.vae.config.scaling_factor
         return latents.repeat_interleave(self._latent_shape(request)[0] // len(latents), dim=0)
 
@@ -288,7 +307,10 @@ class TextToImage:
             if callback is not None:
                 callback(i, x_i, denoised)
 
-        x = SAMPLERS[sampler].function(model, x, sigmas, generator=generator, callback=step)
+        function = SAMPLERS[sampler].function
+        # TCD reads the timesteps, PLMS extrapolates the network's own output (diffusers' PNDMScheduler)
+        inputs = schedule_inputs(function, self.schedule.alphas_cumprod, self.schedule.prediction)
+        x = function(model, x, sigmas, generator=generator, callback=step, **inputs)
         bar.close()
         return x
 
@@ -329,6 +351,37 @@ class TextToImage:
         if output_type == "np":
             return (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()     # (N, H, W, 3)
         return to_pil(images)
+
+    # LoRA and textual inversion (nanodiffusion/adapters), under diffusers' method names.
+    @functools.cached_property
+    def lora(self) -> LoRAAdapters:
+        """The LoRAs loaded into the UNet and the text encoder (see adapters/lora.py)."""
+        return LoRAAdapters({"unet": self.unet, "text_encoder": self.text_encoder})
+
+    def load_lora_weights(self, path: str | Path, adapter_name: str | None = None) -> str:
+        """Load a LoRA file (kohya/A1111 or diffusers/PEFT) as the one active adapter; returns its name."""
+        return self.lora.load_lora_weights(path, adapter_name)
+
+    def set_adapters(self, adapter_names: str | list[str],
+                     adapter_weights: float | list[float] | None = None) -> None:
+        """Make exactly these loaded LoRAs active, each with its weight."""
+        self.lora.set_adapters(adapter_names, adapter_weights)
+
+    def fuse_lora(self, lora_scale: float = 1.0) -> None:
+        """Fix the active LoRAs into the weights, times `lora_scale`."""
+        self.lora.fuse_lora(lora_scale)
+
+    def unfuse_lora(self) -> None:
+        """Undo fuse_lora: the active LoRAs at their own weights."""
+        self.lora.unfuse_lora()
+
+    def unload_lora_weights(self) -> None:
+        """Forget every LoRA: the original weights come back exactly (the fused ones stay after fuse_lora)."""
+        self.lora.unload_lora_weights()
+
+    def load_textual_inversion(self, path: str | Path, token: str | None = None) -> str:
+        """Add a textual-inversion embedding to the tokenizer and text encoder; returns its prompt token."""
+        return load_textual_inversion(self.text_encoder, self.tokenizer, path, token)
 
 
 def diverged_message(dtype: torch.dtype, guidance_scale: float | None = None) -> str:

@@ -1,4 +1,4 @@
-"""Stable Diffusion v1.x weights: load a diffusers folder, a single file or a Hub repo; save either layout.
+"""Stable Diffusion v1.x / 2.x weights: load a diffusers folder, a single file or a Hub repo; save both layouts.
 
     components = load_sd("path/to/model.safetensors", dtype=torch.float16)
     save_diffusers(components, "path/to/folder")
@@ -11,19 +11,19 @@ import torch
 from nanodiffusion.errors import UserError
 from nanodiffusion.tokenizer import CLIPTokenizer
 from nanodiffusion.weights.components import SDComponents, resolve_dtype
-from nanodiffusion.weights.diffusers_folder import load_diffusers, save_diffusers
+from nanodiffusion.weights.diffusers_folder import load_diffusers, load_vae, save_diffusers
 from nanodiffusion.weights.models import model_path
 from nanodiffusion.weights.single_file import load_single_file, save_single_file
 
-__all__ = ["SDComponents", "load_sd", "save_diffusers", "save_single_file"]
+__all__ = ["SDComponents", "load_sd", "load_vae", "save_diffusers", "save_single_file"]
 
 
 def load_sd(path_or_repo: str | Path, *, dtype: torch.dtype | str = torch.float32,
             device: str | torch.device = "cpu", variant: str | None = None, trust_pickle: bool = False,
             tokenizer: CLIPTokenizer | None = None,
             memory_format: torch.memory_format = torch.preserve_format) -> SDComponents:
-    """Load SD v1.x from a diffusers folder, a single `.safetensors` / `.ckpt` file, a Hub repo id or a built-in
-    name (`models.model_path`).
+    """Load SD v1.x or 2.x from a diffusers folder, a single `.safetensors` / `.ckpt` file, a Hub repo id or a
+    built-in name (`models.model_path`).
 
     Weights are memory-mapped and converted tensor by tensor to `dtype` on `device`, conv weights to
     `memory_format` (one copy each, whatever changes). Pickle files need `trust_pickle=True`. `tokenizer`,
