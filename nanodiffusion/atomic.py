@@ -47,12 +47,16 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
         raise
 
 
-def check_output_file(path: str | os.PathLike, what: str, *, size: int = 0) -> Path:
-    """`path` when a file can be written there (its folder created if missing), with `size` bytes free:
-    else a UserError saying why. `what` names the output in the message (e.g. "--out")."""
-    path = Path(path)
+def check_output_file(path: str | os.PathLike, what: str, *, size: int = 0,
+                      suffix: str | None = None) -> Path:
+    """`path` when a file can be written there (its folder created if missing), with `size` bytes free and
+    the file type's `suffix` (".png": what is written is a PNG): else a UserError saying why. `what` names
+    the output in the message (e.g. "--out")."""
+    path = _nonempty(path, what)
     if path.name in ("", ".", "..") or path.is_dir():
         raise UserError(f"{what} {path} is a folder: give a file name")
+    if suffix is not None and path.suffix.lower() != suffix:
+        raise UserError(f"{what} must name a {suffix} file (that is what is written), got {path}")
     _refuse_non_file(path, what)
     _check_folder(path.parent, what, size)
     return path
@@ -60,7 +64,7 @@ def check_output_file(path: str | os.PathLike, what: str, *, size: int = 0) -> P
 
 def check_output_folder(path: str | os.PathLike, what: str, *, size: int = 0) -> Path:
     """`path` when files can be written in that folder (created if missing), with `size` bytes free."""
-    path = Path(path)
+    path = _nonempty(path, what)
     if path.exists() and not path.is_dir():
         raise UserError(f"{what} {path} is a file, not a folder")
     _check_folder(path, what, size)
@@ -76,6 +80,12 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
     return stale
+
+
+def _nonempty(path: str | os.PathLike, what: str) -> Path:
+    if str(path) == "":                 # Path("") is the current folder: an empty flag is a mistake
+        raise UserError(f"{what} is empty: give a path")
+    return Path(path)
 
 
 def _refuse_non_file(path: Path, what: str) -> None:

@@ -1,10 +1,12 @@
 """Checks of single values from users, shared by the command line, the configs and the pipelines' public
 calls: each failure is a UserError (UserTypeError for a wrong type) naming the argument, its value and what is
-valid. The seed range is defined here, once.
+valid. The seed range is defined here, once, and so is the check that a request's estimated memory fits
+this machine.
 """
 
 import argparse
 import math
+import os
 
 import torch
 
@@ -102,3 +104,34 @@ def finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
     return value
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on `device` (Linux: MemAvailable, within a cgroup's limit); None when
+    unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as file:
+            free = next(int(line.split()[1]) * 1024 for line in file if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+    try:
+        with open("/sys/fs/cgroup/memory.max") as limit, open("/sys/fs/cgroup/memory.current") as used:
+            free = min(free, int(limit.read()) - int(used.read()))
+    except (OSError, ValueError):           # no cgroup v2, or "max": no limit
+        pass
+    return free
+
+
+def check_fits(needed: int, device: torch.device, what: str, change: str) -> None:
+    """A UserError when `needed` bytes exceed what `device` has free: it says both and what to `change`."""
+    if os.environ.get("NANODIFFUSION_NO_MEMORY_CHECK"):
+        return
+    free = available_memory(device)
+    if free is not None and needed > free:
+        raise UserError(f"{what} needs about {needed / 2**30:.1f} GiB of memory, more than the "
+                        f"{free / 2**30:.1f} GiB available on {device}: {change} "
+                        "(NANODIFFUSION_NO_MEMORY_CHECK=1 skips this estimate)")

@@ -24,10 +24,10 @@ from nanodiffusion.evaluation.text_to_image_eval import (
     PROMPT_SETS, evaluate_text_to_image, sweep_text_to_image,
 )
 from nanodiffusion.pipelines.ddpm import DDPMPipeline
-from nanodiffusion.pipelines.memory import check_fits, ddpm_bytes
+from nanodiffusion.pipelines.memory import ddpm_bytes
 from nanodiffusion.pipelines.request import GenerationRequest
 from nanodiffusion.pipelines.text_to_image import TextToImage
-from nanodiffusion.validation import check_seed, finite_float
+from nanodiffusion.validation import check_fits, check_seed, finite_float
 from nanodiffusion.weights.models import BUILTIN_DDPM, BUILTIN_TEXT_TO_IMAGE
 
 DEFAULT_SAMPLER, DEFAULT_STEPS = "dpmpp_2m", 50

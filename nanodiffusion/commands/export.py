@@ -1,6 +1,7 @@
 """Export a DDPM training checkpoint as a lean model file: EMA weights and config, no optimizer or RNG state."""
 
 import json
+import math
 
 import torch
 
@@ -36,10 +37,20 @@ def parse_notes(text: str | None) -> dict | None:
     if text is None:
         return None
     try:
-        notes = json.loads(text)
+        notes = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite)
     except json.JSONDecodeError as error:
         raise UserError(f"--notes must be a JSON object such as '{{\"data\": \"fashion-mnist\"}}': {error}") \
             from None
     if not isinstance(notes, dict):
         raise UserError(f"--notes must be a JSON object ({{...}}), got a JSON {type(notes).__name__}")
     return notes
+
+
+def _refuse_constant(name: str):
+    raise UserError(f"--notes must be standard JSON: {name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    if not math.isfinite(value := float(text)):
+        raise UserError(f"--notes must hold finite numbers, got {text} (it overflows)")
+    return value

@@ -27,8 +27,10 @@ def run(args) -> None:
     if args.num_images < 1:
         raise UserError(f"-n must be >= 1, got {args.num_images}")
     check_seed(args.seed, name="--seed")
-    check_output_file(args.out, "--out")
+    check_output_file(args.out, "--out", suffix=".png")
     dataset = load_dataset(args.dataset, image_size=args.image_size, data_dir=args.data_dir)
+    if args.num_images > len(dataset):
+        raise UserError(f"-n {args.num_images} is more than the {len(dataset)} images of {args.dataset}")
     g = torch.Generator().manual_seed(args.seed)
     idx = torch.randperm(len(dataset), generator=g)[:args.num_images]
     x0, _ = dataset.batch(idx)

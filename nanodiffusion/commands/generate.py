@@ -21,6 +21,7 @@ from nanodiffusion.errors import UserError
 from nanodiffusion.images import (
     frame_steps, grid_shape, image_grid, read_png_text, save_gif, save_png, to_pil,
 )
+from nanodiffusion.pipelines.arguments import check_request_for_model
 from nanodiffusion.pipelines.image_loop import generate_each
 from nanodiffusion.pipelines.memory import check_generation_fits
 from nanodiffusion.pipelines.metadata import ModelRecord, read_settings
@@ -36,6 +37,8 @@ SUPPRESS = argparse.SUPPRESS    # flags not given stay unset, so that --from can
 UNSET_IS_NONE = ("from_image", "out", "out_dir", "gif", "device")      # optional flags without a setting
 
 MIN_VAE_TILE = 32                       # latent pixels: tiles overlap by 16 (TextToImage.vae_tile_overlap)
+GIF_PREVIEWS = 10                       # default previews in a GIF, at most one per step
+MAX_IMAGES = 100_000                    # -n: one PNG each; more in one run is surely a typo
 
 
 def add_arguments(p) -> None:
@@ -75,8 +78,9 @@ def add_arguments(p) -> None:
     p.add_argument("--grid", action="store_true", help="also write all images as one grid (STEM-grid.png)")
     p.add_argument("--gif", default=SUPPRESS,
                    help="write an animated GIF of the denoising: decoded x0 previews")
-    p.add_argument("--gif-frames", type=int, default=10,
-                   help="previews in the GIF, the final image after them")
+    p.add_argument("--gif-frames", type=int, default=None,
+                   help=f"previews in the GIF, the final image after them (default: {GIF_PREVIEWS}, or one "
+                        "per step when there are fewer steps)")
     p.add_argument("--from", dest="from_image", default=SUPPRESS,
                    help="replay the settings stored in a PNG made by this command")
 
@@ -104,8 +108,8 @@ def build_request(args) -> tuple[GenerationRequest, dict]:
         values["width"], values["height"] = given["size"]
     if "prompt" not in values:
         raise UserError("give a PROMPT (or --from IMAGE.png to replay one)")
-    if args.num_images < 1:
-        raise UserError(f"the number of images must be >= 1, got {args.num_images}")
+    if not 1 <= args.num_images <= MAX_IMAGES:
+        raise UserError(f"the number of images must be from 1 to {MAX_IMAGES:,}, got {args.num_images}")
     if values.get("seed") is None:
         values["seed"] = random.randrange(2**32)
     values["num_images_per_prompt"] = 1                 # one image per call: each PNG replays alone
@@ -135,11 +139,11 @@ def _stored_settings(png: str) -> tuple[dict, dict]:
 
 def output_paths(args, seeds: list[int]) -> tuple[list[Path], Path]:
     """One path per image and the grid's path."""
-    if args.out_dir:
+    if args.out_dir is not None:
         folder = Path(args.out_dir)
         paths = [folder / f"{k:05d}-{seed}.png" for k, seed in enumerate(seeds)]
         return paths, folder / f"grid-{seeds[0]}.png"
-    out = Path(args.out or DEFAULT_OUT)
+    out = Path(args.out if args.out is not None else DEFAULT_OUT)
     if out.suffix.lower() != ".png":
         raise UserError(f"--out must name a .png file, got {out}")
     paths = [out] if len(seeds) == 1 else [out.with_name(f"{out.stem}-{k}.png") for k in range(len(seeds))]
@@ -148,14 +152,14 @@ def output_paths(args, seeds: list[int]) -> tuple[list[Path], Path]:
 
 def check_outputs(args, paths: list[Path], grid_path: Path) -> None:
     """Every file this run writes can be written: checked before the model loads."""
-    if args.out_dir:
+    if args.out_dir is not None:
         check_output_folder(args.out_dir, "--out-dir")
-    if args.gif_frames < 1:
+    if args.gif_frames is not None and args.gif_frames < 1:
         raise UserError(f"--gif-frames must be >= 1, got {args.gif_frames}")
-    flag = "--out-dir" if args.out_dir else "--out"
+    flag = "--out-dir" if args.out_dir is not None else "--out"
     for path, what in [*((path, flag) for path in paths), *([(grid_path, "--grid")] if args.grid else []),
-                       *([(args.gif, "--gif")] if args.gif else [])]:
-        check_output_file(path, what)
+                       *([(args.gif, "--gif")] if args.gif is not None else [])]:
+        check_output_file(path, what, suffix=".gif" if what == "--gif" else ".png")
 
 
 def run(args) -> None:
@@ -178,15 +182,29 @@ def run(args) -> None:
     # the model's own defaults (the built-in model's guidance, sampler, steps) where nothing chose a value
     request = replace(request, **{key: value for key, value in pipe.generation_defaults.items()
                                   if key not in settings["chosen"]})
+    check_request_for_model(pipe, request)
     check_generation_fits(pipe, request, paths[0].parent, len(seeds))
+    args.gif_frames = _gif_previews(args, request.num_steps)
     model = ModelRecord(settings["model"], path, digest, settings["dtype"], device.type, settings["vae_tile"])
     _generate(args, pipe, request, model, paths, grid_path)
+
+
+def _gif_previews(args, num_steps: int) -> int:
+    """The previews of --gif: as asked, at most one per step; by default GIF_PREVIEWS or one per step."""
+    if args.gif is None:
+        return 0
+    if args.gif_frames is None:
+        return min(GIF_PREVIEWS, num_steps)
+    if args.gif_frames > num_steps:
+        raise UserError(f"--gif-frames must be from 1 to the number of steps ({num_steps}): one preview per "
+                        f"step at most, got {args.gif_frames}")
+    return args.gif_frames
 
 
 def _generate(args, pipe: TextToImage, request: GenerationRequest, model: ModelRecord, paths: list[Path],
               grid_path: Path) -> None:
     """Make and write the images (each as it is done), then the grid and the GIF."""
-    previews = frame_steps(request.num_steps, args.gif_frames) if args.gif else set()
+    previews = frame_steps(request.num_steps, args.gif_frames) if args.gif_frames else set()
     progress = _Progress(pipe, request, len(paths), previews)
     images, texts = [], []
     for out, (image, text, done, _) in zip(paths, generate_each(pipe, request, len(paths), model,

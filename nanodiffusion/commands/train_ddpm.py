@@ -9,8 +9,10 @@ from nanodiffusion.commands.train_options import (
 )
 from nanodiffusion.data.datasets import load_dataset
 from nanodiffusion.nets.ddpm_unet import UNET_PRESETS
+from nanodiffusion.pipelines.memory import ddpm_training_bytes
+from nanodiffusion.training import distributed
 from nanodiffusion.training.ddpm_trainer import DDPMTrainer, TrainConfig
-from nanodiffusion.validation import finite_float
+from nanodiffusion.validation import check_fits, finite_float
 
 
 def add_arguments(p) -> None:
@@ -54,7 +56,12 @@ def run(args) -> None:
                            data_dir=args.data_dir)
     config = TrainConfig(**denoising_settings(args), label_dropout=args.label_dropout,
                          channels_last=args.channels_last)
-    trainer = DDPMTrainer(config, unet_config_for(args, dataset), schedule_for(args), dataset)
+    unet_config = unet_config_for(args, dataset)
+    batch = -(-config.batch_size // distributed.world()[1])                # per process
+    check_fits(ddpm_training_bytes(unet_config, batch), distributed.process_device(config.device),
+               f"training on batches of {batch} images of {unet_config.image_size}x{unet_config.image_size}",
+               "lower --batch-size or --image-size")
+    trainer = DDPMTrainer(config, unet_config, schedule_for(args), dataset)
     if resume_if_asked(trainer, args):
         return
     params = sum(p.numel() for p in trainer.model.parameters())

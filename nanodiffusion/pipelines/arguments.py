@@ -11,17 +11,20 @@ from PIL import Image
 
 from nanodiffusion.diffusion.sampler_options import check_options
 from nanodiffusion.diffusion.samplers import SAMPLERS, resolve_sampler
+from nanodiffusion.diffusion.schedules import check_num_steps
 from nanodiffusion.errors import UserError, UserTypeError
 from nanodiffusion.pipelines.request import OUTPUT_TYPES, GenerationRequest
 from nanodiffusion.validation import check_float, check_int, check_seed, check_text
 
 
-def check_generate_inputs(device: torch.device, request, *, generator, latents, image, mask_image,
-                          output_type: str, callback) -> None:
-    """The arguments of `TextToImage.generate` for a pipeline on `device` (the request's fields check
-    themselves); the latents' shape and the mask's size are checked once the image size is known."""
+def check_generate_inputs(pipe, request, *, generator, latents, image, mask_image, output_type: str,
+                          callback) -> None:
+    """The arguments of `pipe.generate` (a TextToImage; the request's fields check themselves); the
+    latents' shape and the mask's size are checked once the image size is known."""
     if not isinstance(request, GenerationRequest):
         raise UserTypeError(f"request must be a GenerationRequest, got {_describe(request)}")
+    check_request_for_model(pipe, request)
+    device = pipe.device
     if not isinstance(output_type, str) or output_type not in OUTPUT_TYPES:
         raise UserError(f"unknown output_type {output_type!r}; valid: {', '.join(OUTPUT_TYPES)}")
     if generator is not None:
@@ -37,19 +40,34 @@ def check_generate_inputs(device: torch.device, request, *, generator, latents, 
             raise UserError("latents hold NaN or infinite values")
     if mask_image is not None and image is None:
         raise UserError("mask_image needs the image to inpaint: pass image= too")
-    for name, value, channels in (("image", image, 3), ("mask_image", mask_image, 1)):
+    for name, value, channels, low in (("image", image, 3, -1), ("mask_image", mask_image, 1, 0)):
         if value is not None:
-            _check_image_input(name, value, channels)
+            _check_image_input(name, value, channels, low)
     if callback is not None and not callable(callback):
         raise UserTypeError(f"callback must be callable as callback(i, x, denoised), got {callback!r}")
 
 
-def _check_image_input(name: str, value, channels: int) -> None:
+def check_request_for_model(pipe, request: GenerationRequest) -> None:
+    """The settings whose range depends on `pipe`'s model: steps within its schedule, clip_skip within its
+    text encoder's layers; checked before any work (the sigma grid and the encoder check them again)."""
+    check_num_steps(request.num_steps, len(pipe.schedule.alphas_cumprod))
+    layers = pipe.text_encoder.config.num_layers
+    if request.clip_skip > layers:
+        raise UserError(f"clip_skip must be between 1 and {layers} (this model's text encoder layers), "
+                        f"got {request.clip_skip}")
+
+
+def _check_image_input(name: str, value, channels: int, low: int) -> None:
+    """A PIL image, a list of them, or a float (B, channels, H, W) tensor with values in [low, 1]."""
     if isinstance(value, torch.Tensor):
         if value.ndim != 4 or value.shape[1] != channels or not value.is_floating_point():
             raise UserError(f"{name} as a tensor must be float (B, {channels}, H, W), got {_describe(value)}")
         if not value.isfinite().all():
             raise UserError(f"{name} holds NaN or infinite values")
+        # a little rounding beyond the range is harmless; 0..255 pixels or a wrong scale are not
+        if value.min() < low - 1e-3 or value.max() > 1 + 1e-3:
+            raise UserError(f"{name} as a tensor must hold values in [{low}, 1], got "
+                            f"{value.min().item():g} to {value.max().item():g}")
         return
     pictures = [value] if isinstance(value, Image.Image) else value
     if isinstance(value, (str, bytes)) or not isinstance(pictures, Sequence) \

@@ -6,12 +6,9 @@ factor of about 1.5 of the peak measured on the CPU for the built-in models (ben
 """
 
 import math
-import os
-
-import torch
 
 from nanodiffusion.atomic import check_output_folder
-from nanodiffusion.errors import UserError
+from nanodiffusion.validation import check_fits
 
 SAFETY = 1.5                    # measured peaks were up to this much above the sums below
 PNG_BYTES_PER_PIXEL = 3         # an RGB PNG is at most about its raw size
@@ -62,6 +59,18 @@ def text_to_image_bytes(pipe, request) -> int:
     return int(SAFETY * max(unet, decode))
 
 
+def ddpm_training_bytes(config, batch: int) -> int:
+    """About the activations one training step of the DDPM UNet keeps for the backward pass (float32):
+    every level's maps on the way down and up, not only the busiest ones as in sampling."""
+    kept = 0
+    for level, mult in enumerate(config.channel_mult):
+        area = math.ceil(config.image_size / 2**level) ** 2
+        attention = level in config.attention_levels
+        maps = (20 if attention else 8) * (2 * config.num_res_blocks + 1)       # down, up (one more) blocks
+        kept += maps * config.model_channels * mult * area + (config.num_heads * area**2 if attention else 0)
+    return int(SAFETY * batch * 4 * kept)
+
+
 def ddpm_bytes(pipe, num_images: int, guided: bool, gif_frames: int = 0) -> int:
     """About the peak memory of sampling `num_images` at once from a DDPMPipeline, GIF frames included."""
     config = pipe.unet.config
@@ -70,37 +79,6 @@ def ddpm_bytes(pipe, num_images: int, guided: bool, gif_frames: int = 0) -> int:
                                  score_heads=config.num_heads)
     frames = gif_frames * num_images * config.in_channels * side * side * 4
     return int(SAFETY * unet) + frames
-
-
-def available_memory(device: torch.device) -> int | None:
-    """Bytes free for new tensors on `device` (Linux: MemAvailable, within a cgroup's limit); None when
-    unknown."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    if device.type != "cpu":
-        return None
-    try:
-        with open("/proc/meminfo") as file:
-            free = next(int(line.split()[1]) * 1024 for line in file if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return None
-    try:
-        with open("/sys/fs/cgroup/memory.max") as limit, open("/sys/fs/cgroup/memory.current") as used:
-            free = min(free, int(limit.read()) - int(used.read()))
-    except (OSError, ValueError):           # no cgroup v2, or "max": no limit
-        pass
-    return free
-
-
-def check_fits(needed: int, device: torch.device, what: str, change: str) -> None:
-    """A UserError when `needed` bytes exceed what `device` has free: it says both and what to `change`."""
-    if os.environ.get("NANODIFFUSION_NO_MEMORY_CHECK"):
-        return
-    free = available_memory(device)
-    if free is not None and needed > free:
-        raise UserError(f"{what} needs about {needed / 2**30:.1f} GiB of memory, more than the "
-                        f"{free / 2**30:.1f} GiB available on {device}: {change} "
-                        "(NANODIFFUSION_NO_MEMORY_CHECK=1 skips this estimate)")
 
 
 def check_generation_fits(pipe, request, folder, num_images: int) -> None:

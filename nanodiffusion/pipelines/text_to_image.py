@@ -196,7 +196,7 @@ class TextToImage:
         `image`: init image(s) for img2img, one or one per prompt; `mask_image`: repaint where it is white;
         `callback(i, x, denoised)` runs after each step (`decode_latents(denoised)` previews it).
         """
-        check_generate_inputs(self.device, request, generator=generator, latents=latents, image=image,
+        check_generate_inputs(self, request, generator=generator, latents=latents, image=image,
                               mask_image=mask_image, output_type=output_type, callback=callback)
         init_images = prepare_images(image) if image is not None else None
         request, generator = self._settle(request, generator, init_images)
