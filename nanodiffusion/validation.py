@@ -12,7 +12,7 @@ import torch
 
 from nanodiffusion.errors import UserError, UserTypeError
 
-SEED_LIMIT = 2**64          # seeds are 0 <= seed < 2**64: what torch.Generator.manual_seed takes without wrapping
+SEED_LIMIT = 2**64          # 0 <= seed < 2**64: what torch.Generator.manual_seed takes without wrapping
 
 
 def check_int(name: str, value, minimum: int | None = None, maximum: int | None = None) -> int:
@@ -63,7 +63,8 @@ def check_text(name: str, value) -> str:
         value.encode("utf-8")
     except UnicodeEncodeError as error:
         raise UserError(f"{name} is not valid text: character {error.start} is a lone surrogate "
-                        f"({value[error.start]!r}), as invalid UTF-8 bytes become; write it in UTF-8") from None
+                        f"({value[error.start]!r}), as invalid UTF-8 bytes become; write it in UTF-8") \
+            from None
     return value
 
 

@@ -41,8 +41,9 @@ def run(args) -> None:
     tokenizer = CLIPTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else None
     components = load_sd(args.src, dtype=args.dtype, variant=args.variant, trust_pickle=args.trust_pickle,
                          tokenizer=tokenizer)
-    check_output(dst, "DST", size=sum(tensor.numel() * tensor.element_size() for network in
-                                      components.networks().values() for tensor in network.state_dict().values()))
+    check_output(dst, "DST", size=sum(tensor.numel() * tensor.element_size()
+                                      for network in components.networks().values()
+                                      for tensor in network.state_dict().values()))
     if layout == "diffusers":
         save_diffusers(components, dst)
     else:

@@ -93,7 +93,8 @@ def run(args) -> None:
     check_fits(ddpm_bytes(pipe, args.batch_size, bool(pipe.num_classes) and options["guidance_scale"] != 1),
                torch.device("cpu"), f"sampling {args.batch_size} images at once", "lower --batch-size")
     if args.sweep:
-        result = sweep_ddpm(pipe, args.dataset, num_images if num_images is not None else DEFAULT_SWEEP_IMAGES,
+        count = num_images if num_images is not None else DEFAULT_SWEEP_IMAGES
+        result = sweep_ddpm(pipe, args.dataset, count,
                             samplers=tuple(samplers or SWEEP_SAMPLERS),
                             step_counts=tuple(step_counts or SWEEP_STEPS), **options)
         print(format_sweep(result))

@@ -129,7 +129,8 @@ def _stored_settings(png: str) -> tuple[dict, dict]:
     other settings."""
     settings = read_settings(read_png_text(png), png)
     if settings["dtype"] not in DTYPES:
-        raise UserError(f"{png}: its settings name the dtype {settings['dtype']!r}; valid: {', '.join(DTYPES)}")
+        raise UserError(f"{png}: its settings name the dtype {settings['dtype']!r}; "
+                        f"valid: {', '.join(DTYPES)}")
     try:
         GenerationRequest.from_dict(settings["request"])
     except UserError as error:

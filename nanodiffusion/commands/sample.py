@@ -32,8 +32,8 @@ def add_arguments(p) -> None:
     p.add_argument("--out-dir", help="also write every image as its own PNG in this folder")
     p.add_argument("--gif", help="write an animated GIF of the reverse process")
     p.add_argument("--gif-frames", type=int,
-                   help=f"frames in the GIF, x_T to the image, the last one held (default: steps + 1, at most "
-                        f"{GIF_FRAMES})")
+                   help=f"frames in the GIF, x_T to the image, the last one held (default: steps + 1, at "
+                        f"most {GIF_FRAMES})")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA ones")
 
 

@@ -21,7 +21,8 @@ API_KEY_ENV = "NANODIFFUSION_API_KEY"
 LIMIT_FLAGS = {                                     # Limits field: (type, what it bounds)
     "max_steps": (int, "sampling steps of an image"), "max_size": (int, "width and height, pixels"),
     "max_batch_size": (int, "batch_size, images per batch"), "max_batch_count": (int, "n_iter, batches"),
-    "max_job_cost": (finite_float, "a job's cost: images x (steps + 1) x pixels / 512² x UNet size / SD v1.5's"),
+    "max_job_cost": (finite_float,
+                     "a job's cost: images x (steps + 1) x pixels / 512² x UNet size / SD v1.5's"),
 }
 
 

@@ -36,7 +36,8 @@ def add_loop_arguments(p, defaults: LoopConfig):
     train.add_argument("--batch-size", type=int, default=defaults.batch_size,
                        help="global batch size (split over the processes under torchrun)")
     train.add_argument("--lr", type=finite_float, default=defaults.lr, help="AdamW learning rate")
-    train.add_argument("--weight-decay", type=finite_float, default=defaults.weight_decay, help="AdamW weight decay")
+    train.add_argument("--weight-decay", type=finite_float, default=defaults.weight_decay,
+                       help="AdamW weight decay")
     train.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps,
                        help="linear learning-rate warm-up steps")
     train.add_argument("--lr-schedule", default=defaults.lr_schedule, choices=LR_SCHEDULES,
@@ -69,7 +70,8 @@ def add_denoising_arguments(p, model, defaults: DenoisingConfig, schedule: str):
     model.add_argument("--prediction", default=defaults.prediction, choices=PREDICTION_TYPES,
                        help="what the UNet predicts")
     train.add_argument("--ema-decay", type=finite_float, default=defaults.ema_decay)
-    train.add_argument("--min-snr-gamma", type=finite_float, help="min-SNR loss weighting (e.g. 5); off by default")
+    train.add_argument("--min-snr-gamma", type=finite_float,
+                       help="min-SNR loss weighting (e.g. 5); off by default")
     return train
 
 

@@ -89,12 +89,15 @@ def check_ddpm_call(num_images: int, *, sampler: str, num_steps: int, seed: int,
     check_seed(seed)
     check_float("guidance_scale", guidance_scale, minimum=0)
     check_int("gif_frames", gif_frames, minimum=0)
-    if labels is not None and (isinstance(labels, (str, bytes)) or not isinstance(labels, Sequence) or not all(
-            isinstance(label, str) or (isinstance(label, int) and not isinstance(label, bool))
-            for label in labels)):
+    if labels is not None and (isinstance(labels, (str, bytes)) or not isinstance(labels, Sequence)
+                               or not all(_is_label(label) for label in labels)):
         raise UserTypeError(f"labels must be a list of class indices or class names, got {labels!r}")
     check_options(sampler, SAMPLERS[sampler].function, options)
     return sampler
+
+
+def _is_label(label) -> bool:
+    return isinstance(label, str) or (isinstance(label, int) and not isinstance(label, bool))
 
 
 def _describe(value) -> str:

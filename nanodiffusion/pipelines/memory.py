@@ -1,5 +1,5 @@
-"""Estimates of the memory a generation needs, so that a request this machine cannot hold is refused before any
-work, with what to change, instead of one allocation of tens of GB that the system kills.
+"""Estimates of the memory a generation needs, so that a request this machine cannot hold is refused before
+any work, with what to change, instead of one allocation of tens of GB that the system kills.
 
 The estimates count activations only (the weights are loaded already), from the networks' configs: within a
 factor of about 1.5 of the peak measured on the CPU for the built-in models (benchmarks/README.md's machine).
@@ -26,7 +26,8 @@ def unet_activation_bytes(config, batch: int, height: int, width: int, element_s
         channels = config.model_channels * mult
         attention = level in config.attention_levels
         skips += (config.num_res_blocks + 1) * channels * area
-        work = max(work, (20 if attention else 6) * channels * area + (score_heads * area**2 if attention else 0))
+        scores = score_heads * area**2 if attention else 0
+        work = max(work, (20 if attention else 6) * channels * area + scores)
     return batch * element_size * (skips + work)
 
 
@@ -45,7 +46,8 @@ def vae_decode_bytes(config, batch: int, height: int, width: int, element_size: 
 def text_to_image_bytes(pipe, request) -> int:
     """About the peak memory of `pipe.generate(request)` beyond the weights."""
     images = len(request.prompts) * request.num_images_per_prompt
-    height, width, factor = request.height or pipe.native_size, request.width or pipe.native_size, pipe.vae_factor
+    height, width = request.height or pipe.native_size, request.width or pipe.native_size
+    factor = pipe.vae_factor
     unet = unet_activation_bytes(pipe.unet.config, images * (2 if request.guidance_scale != 1 else 1),
                                  height // factor, width // factor, pipe.dtype.itemsize)
     vae_size = next(pipe.vae.parameters()).dtype.itemsize
@@ -85,6 +87,7 @@ def check_generation_fits(pipe, request, folder, num_images: int) -> None:
     """`nanodiffusion generate`'s request (one image per call) fits this machine's memory, and its
     `num_images` PNGs fit on the disk of `folder`."""
     width, height = request.width or pipe.native_size, request.height or pipe.native_size
-    change = "ask for a smaller --size" + ("" if pipe.vae_tile_size else ", or decode in tiles with --vae-tile 64")
+    change = "ask for a smaller --size" + ("" if pipe.vae_tile_size else
+                                           ", or decode in tiles with --vae-tile 64")
     check_fits(text_to_image_bytes(pipe, request), pipe.device, f"one {width}x{height} image", change)
     check_output_folder(folder, "the images", size=num_images * PNG_BYTES_PER_PIXEL * width * height)

@@ -99,10 +99,11 @@ class TextToImage:
         parts = load_sd(path, dtype=dtype, device=device, tokenizer=tokenizer,
                         memory_format=memory_format)
         if parts.tokenizer is None:
-            raise UserError(f"{path_or_repo} holds no tokenizer and its text encoder is not CLIP's (SD v1.x's): "
-                            "in Python pass tokenizer=CLIPTokenizer.from_pretrained(the model's tokenizer "
-                            "folder); on the command line make it a diffusers folder first: nanodiffusion "
-                            "convert FILE FOLDER --tokenizer TOKENIZER_FOLDER, then --model FOLDER")
+            raise UserError(f"{path_or_repo} holds no tokenizer and its text encoder is not CLIP's "
+                            "(SD v1.x's): in Python pass tokenizer=CLIPTokenizer.from_pretrained(the model's "
+                            "tokenizer folder); on the command line make it a diffusers folder first: "
+                            "nanodiffusion convert FILE FOLDER --tokenizer TOKENIZER_FOLDER, then --model "
+                            "FOLDER")
         if vae is not None:
             parts.vae = vae if isinstance(vae, torch.nn.Module) else load_vae(
                 vae, dtype=dtype, device=device, memory_format=memory_format)

@@ -278,7 +278,8 @@ class RunState:
         except UserError as error:
             if final:
                 last = (f"the latest checkpoint is {self.out_dir / 'last.safetensors'} at step "
-                        f"{self.saved['last']}" if "last" in self.saved else "no checkpoint of it was written")
+                        f"{self.saved['last']}" if "last" in self.saved
+                        else "no checkpoint of it was written")
                 raise UserError(f"{error}; the run ended but its last state could not be saved: {last}") \
                     from None
             warnings.warn(f"{error}; training goes on with the previous {name}.safetensors kept, the next "

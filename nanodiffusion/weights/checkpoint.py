@@ -44,8 +44,8 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     if METADATA_KEY not in header:
         raise UserError(f"{path} is a safetensors file but not a nanodiffusion checkpoint (no config in it)")
     if CHECKSUM_KEY in header and header[CHECKSUM_KEY] != tensors_digest(tensors):
-        raise UserError(f"{path} is corrupted: its tensors differ from the checksum stored when it was written "
-                        "(a disk or copy error); use another checkpoint or copy it again")
+        raise UserError(f"{path} is corrupted: its tensors differ from the checksum stored when it was "
+                        "written (a disk or copy error); use another checkpoint or copy it again")
     try:
         metadata = json.loads(header[METADATA_KEY])
     except json.JSONDecodeError as e:
