@@ -45,7 +45,8 @@ def workdir(tmp_path, monkeypatch):
                 "request-list": {"request": []},
                 "guidance-text": {"request": {**SETTINGS["request"], "guidance_scale": "7"}},
                 "seed-huge": {"request": {**SETTINGS["request"], "seed": 2**70}},
-                "model-number": {"model": 3}}
+                "model-number": {"model": 3},
+                "size-huge": {"request": {**SETTINGS["request"], "height": 100000, "width": 100000}}}
     for name, change in tampered.items():
         save_png(_image(), tmp_path / f"{name}.png", {"nanodiffusion": json.dumps({**SETTINGS, **change})})
     save_png(_image(), tmp_path / "not-json.png", {"nanodiffusion": "{'request': "})
@@ -132,6 +133,7 @@ def test_generate_refuses_prompts(workdir, capsys, prompt, message):
     ("guidance-text", "guidance_scale must be a number, got '7'"),
     ("seed-huge", "seed must be an integer from 0 to 2\\*\\*64 - 1, got 1180591620717411303424"),
     ("model-number", "'model' must be a string, got 3"),
+    ("size-huge", "one 100000x100000 image needs about [0-9.]+ GiB of memory"),
     ("not-json", "the nanodiffusion settings are not valid JSON"),
     ("settings-list", "the nanodiffusion settings are a JSON list, not an object"),
 ])
