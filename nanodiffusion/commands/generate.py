@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from nanodiffusion.atomic import check_output_file, check_output_folder
+from nanodiffusion.commands.sampler_flags import add_sampler_option_flags, sampler_option_flags
 from nanodiffusion.diffusion.sampling_plan import SIGMA_SCHEDULES
 from nanodiffusion.errors import UserError
 from nanodiffusion.images import (
@@ -63,6 +64,7 @@ def add_arguments(p) -> None:
                         f"(default: the model's, else {DEFAULTS['sampler']})")
     p.add_argument("--sigma-schedule", dest="sigma_schedule", choices=SIGMA_SCHEDULES, default=SUPPRESS,
                    help="sigma grid (default: default, the scheduler's own timesteps)")
+    add_sampler_option_flags(p)
     p.add_argument("--clip-skip", dest="clip_skip", type=int, default=SUPPRESS,
                    help="2 = condition on CLIP's penultimate layer (default: 1)")
     p.add_argument("--dtype", choices=list(DTYPES), default=SUPPRESS, help="weights dtype (default: fp32)")
@@ -104,6 +106,8 @@ def build_request(args) -> tuple[GenerationRequest, dict]:
         stored, recorded = _stored_settings(args.from_image)
         run.update({key: recorded.get(key) for key in run})
     values = {**stored, **{name: given[name] for name in DEFAULTS if name in given}}
+    # checked once the sampler is known, which may be the model's default (run)
+    run["sampler_options"] = {**values.pop("sampler_options", {}), **sampler_option_flags(args)}
     if "size" in given:
         values["width"], values["height"] = given["size"]
     if "prompt" not in values:
@@ -128,6 +132,9 @@ def _stored_settings(png: str) -> tuple[dict, dict]:
     """The request of a PNG made by this command, checked alone (so that an error names the file), and its
     other settings."""
     settings = read_settings(read_png_text(png), png)
+    if settings.get("img2img"):
+        raise UserError(f"{png} was made by img2img from an init image that the PNG does not hold: --from "
+                        "replays text-to-image PNGs only")
     if settings["dtype"] not in DTYPES:
         raise UserError(f"{png}: its settings name the dtype {settings['dtype']!r}; "
                         f"valid: {', '.join(DTYPES)}")
@@ -181,8 +188,9 @@ def run(args) -> None:
         _hint_bf16(pipe)
     pipe.vae_tile_size = settings["vae_tile"]
     # the model's own defaults (the built-in model's guidance, sampler, steps) where nothing chose a value
-    request = replace(request, **{key: value for key, value in pipe.generation_defaults.items()
-                                  if key not in settings["chosen"]})
+    request = replace(request, sampler_options=settings["sampler_options"],
+                      **{key: value for key, value in pipe.generation_defaults.items()
+                         if key not in settings["chosen"]})
     check_request_for_model(pipe, request)
     check_generation_fits(pipe, request, paths[0].parent, len(seeds))
     args.gif_frames = _gif_previews(args, request.num_steps)

@@ -97,7 +97,8 @@ class DDPMPipeline:
     def __call__(self, num_images: int = 16, *, sampler: str = "ddpm", num_steps: int = 1000, seed: int = 0,
                  guidance_scale: float = 1.0, labels=None, gif_frames: int = 0, progress: bool = True,
                  **sampler_options) -> SampleResult:
-        """Draw `num_images` samples; `gif_frames > 0` records that many evenly spaced x_t of the reverse process."""
+        """Draw `num_images` samples; `gif_frames > 0` records that many evenly spaced x_t of the reverse
+        process. `sampler_options` are the sampler's own (diffusion/sampler_options.py), e.g. eta=0.5."""
         sampler = check_ddpm_call(num_images, sampler=sampler, num_steps=num_steps, seed=seed,
                                   guidance_scale=guidance_scale, labels=labels, gif_frames=gif_frames,
                                   options=sampler_options)

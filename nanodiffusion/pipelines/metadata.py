@@ -15,13 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nanodiffusion import __version__
-from nanodiffusion.diffusion.samplers import SAMPLERS, resolve_sampler
+from nanodiffusion.diffusion.samplers import SAMPLERS, resolve_sampler, sampler_options
 from nanodiffusion.diffusion.sampling_plan import SIGMA_SCHEDULES
 from nanodiffusion.errors import UserError
 
 PARAMETERS_KEY = "parameters"
 SETTINGS_KEY = "nanodiffusion"
 SETTINGS_FORMAT = 1
+# A1111's infotext names of the standard sampler options (its k-diffusion samplers' "Eta", its DDIM's
+# "Eta DDIM"); like A1111 the text names an option only where it differs from the sampler's default.
+OPTION_LABELS = {"eta": "Eta", "s_churn": "Sigma churn", "s_tmin": "Sigma tmin", "s_tmax": "Sigma tmax",
+                 "s_noise": "Sigma noise"}
 
 @dataclass(frozen=True)
 class ModelRecord:
@@ -40,14 +44,17 @@ class ModelRecord:
         return self.path.stem if self.path.is_file() else Path(self.argument).name
 
 
-def png_text(request, model: ModelRecord) -> dict[str, str]:
-    """Both text chunks of an image of `request` (one prompt, its seed filled in) made by `model`."""
-    return {PARAMETERS_KEY: a1111_parameters(request, model.name, model.hash),
-            SETTINGS_KEY: settings_json(request, model)}
+def png_text(request, model: ModelRecord, *, img2img: bool = False) -> dict[str, str]:
+    """Both text chunks of an image of `request` (one prompt, its seed filled in) made by `model`, from an
+    init image if `img2img`."""
+    return {PARAMETERS_KEY: a1111_parameters(request, model.name, model.hash, img2img=img2img),
+            SETTINGS_KEY: settings_json(request, model, img2img=img2img)}
 
 
-def a1111_parameters(request, model_name: str | None, model_hash: str | None) -> str:
-    """A1111's infotext for one image of `request` (a GenerationRequest with one prompt and seed filled in).
+def a1111_parameters(request, model_name: str | None, model_hash: str | None, *,
+                     img2img: bool = False) -> str:
+    """A1111's infotext for one image of `request` (a GenerationRequest with one prompt and seed filled in),
+    with its "Denoising strength" if it was made from an init image (`img2img`).
 
     As A1111: no negative line when there is no negative prompt, no schedule type for the sampler's own, and
     values holding a comma, colon or newline are written as JSON strings.
@@ -66,7 +73,9 @@ def a1111_parameters(request, model_name: str | None, model_hash: str | None) ->
         "Size": f"{request.width}x{request.height}",
         "Model hash": model_hash,
         "Model": model_name,
+        "Denoising strength": f"{request.strength:g}" if img2img else None,
         "Clip skip": request.clip_skip if request.clip_skip != 1 else None,
+        **_option_labels(request),
         "Version": f"nanodiffusion {__version__}",
     }
     lines.append(", ".join(f"{key}: {_quote(str(value))}" for key, value in settings.items()
@@ -74,16 +83,27 @@ def a1111_parameters(request, model_name: str | None, model_hash: str | None) ->
     return "\n".join(lines)
 
 
+def _option_labels(request) -> dict[str, object]:
+    """A1111's infotext entries of the request's sampler options that differ from the sampler's defaults."""
+    sampler = resolve_sampler(request.sampler)
+    defaults = sampler_options(sampler)
+    labels = {**OPTION_LABELS, "eta": "Eta DDIM" if sampler == "ddim" else "Eta"}
+    return {labels[name]: value for name, value in request.sampler_options.items()
+            if name in labels and value != defaults[name]}
+
+
 def _quote(value: str) -> str:
     return json.dumps(value, ensure_ascii=False) if any(c in value for c in ",:\n") else value
 
 
-def settings_json(request, model: ModelRecord) -> str:
-    """Our own text chunk: the request and what else decides the pixels (model, dtype, device, and the VAE
-    tile size when the image was decoded in tiles)."""
+def settings_json(request, model: ModelRecord, *, img2img: bool = False) -> str:
+    """Our own text chunk: the request and what else decides the pixels (model, dtype, device, the VAE tile
+    size when the image was decoded in tiles, and whether an init image, which the PNG does not hold, did)."""
     run = {"model": model.argument, "model_hash": model.hash, "dtype": model.dtype, "device": model.device}
     if model.vae_tile is not None:
         run["vae_tile"] = model.vae_tile
+    if img2img:
+        run["img2img"] = True
     return json.dumps({"format": SETTINGS_FORMAT, "version": __version__, "request": request.to_dict(),
                        **run}, ensure_ascii=False)
 

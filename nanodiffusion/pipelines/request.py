@@ -3,14 +3,15 @@ generation defaults a model folder may carry.
 """
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from nanodiffusion.config import JSONConfig
-from nanodiffusion.diffusion.samplers import resolve_sampler
+from nanodiffusion.diffusion.sampler_options import check_options
+from nanodiffusion.diffusion.samplers import get_sampler, resolve_sampler
 from nanodiffusion.diffusion.sampling_plan import check_sigma_schedule
 from nanodiffusion.diffusion.schedules import check_num_steps
 from nanodiffusion.errors import UserError, UserTypeError
@@ -40,6 +41,8 @@ class GenerationRequest(JSONConfig):
     strength: float = 0.8                # img2img and inpainting only: the fraction of the steps run
     clip_skip: int = 1                   # 2: the penultimate CLIP layer (A1111's "Clip skip")
     emphasis: bool = True                # read A1111's (word:1.3) / [word] syntax in prompts
+    # the sampler's own options (diffusion/sampler_options.py), e.g. {"eta": 0.5}; left out: its defaults
+    sampler_options: dict = field(default_factory=dict)
 
     def __post_init__(self):
         """The checks of every field, for a pipeline call, a PNG's stored settings and the server alike."""
@@ -58,7 +61,11 @@ class GenerationRequest(JSONConfig):
             if value is not None and (check_int(name, value) < 8 or value % 8):
                 raise UserError(f"{name} must be a positive multiple of 8, got {value!r}")
         check_int("num_images_per_prompt", self.num_images_per_prompt, minimum=1)
-        resolve_sampler(check_text("sampler", self.sampler))
+        sampler = resolve_sampler(check_text("sampler", self.sampler))
+        options = self.sampler_options
+        if not isinstance(options, dict) or not all(isinstance(name, str) for name in options):
+            raise UserTypeError(f"sampler_options must map option names to values, got {options!r}")
+        check_options(sampler, get_sampler(self.sampler), options)
         check_sigma_schedule(check_text("sigma_schedule", self.sigma_schedule))
         check_float("strength", self.strength, 0, 1)
         check_int("clip_skip", self.clip_skip, minimum=1)
