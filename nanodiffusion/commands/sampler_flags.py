@@ -20,7 +20,8 @@ FLAGS = {
 def add_sampler_option_flags(parser: argparse.ArgumentParser) -> None:
     """Add the flags; one not given stays unset (the sampler's default)."""
     for name, text in FLAGS.items():
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=finite_float, default=argparse.SUPPRESS,
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=finite_float,
+                            default=argparse.SUPPRESS,
                             metavar=name.upper(), help=text)
 
 
