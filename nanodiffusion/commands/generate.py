@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from nanodiffusion.atomic import check_output_file, check_output_folder
 from nanodiffusion.commands.sampler_flags import add_sampler_option_flags, sampler_option_flags
+from nanodiffusion.diffusion.samplers import resolve_sampler
 from nanodiffusion.diffusion.sampling_plan import SIGMA_SCHEDULES
 from nanodiffusion.errors import UserError
 from nanodiffusion.images import (
@@ -67,6 +68,13 @@ def add_arguments(p) -> None:
     add_sampler_option_flags(p)
     p.add_argument("--clip-skip", dest="clip_skip", type=int, default=SUPPRESS,
                    help="2 = condition on CLIP's penultimate layer (default: 1)")
+    p.add_argument("--lora", dest="loras", type=_lora, action="append", default=SUPPRESS,
+                   metavar="PATH[:WEIGHT]",
+                   help="apply a LoRA file (kohya/A1111 or diffusers) with this weight (default 1); repeatable")
+    p.add_argument("--lora-dir", dest="lora_dir", default=SUPPRESS, metavar="DIR",
+                   help="folder of LoRA files that <lora:NAME:WEIGHT> in the prompt names (A1111's syntax)")
+    p.add_argument("--embeddings-dir", dest="embeddings_dir", default=SUPPRESS, metavar="DIR",
+                   help="folder of textual-inversion embeddings: each file's name becomes a prompt word")
     p.add_argument("--dtype", choices=list(DTYPES), default=SUPPRESS, help="weights dtype (default: fp32)")
     p.add_argument("--device", default=SUPPRESS, help="device (default: cuda if available, else cpu)")
     p.add_argument("--vae-tile", dest="vae_tile", type=int, default=SUPPRESS, metavar="N",
@@ -95,16 +103,27 @@ def _size(text: str) -> tuple[int, int]:
     return width, height
 
 
+def _lora(text: str) -> tuple[str, float]:
+    """--lora PATH[:WEIGHT]: the weight follows the last colon when that is a number (a path may hold one)."""
+    path, colon, weight = text.rpartition(":")
+    if colon:
+        try:
+            return path, float(weight)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
 def build_request(args) -> tuple[GenerationRequest, dict]:
     """The request and the run settings (model, dtype, device, and "chosen": the request fields that --from's
     PNG or a flag set): --from's PNG, then the flags given."""
     given = vars(args)
     stored = {}
     run = {"model": DEFAULT_TEXT_TO_IMAGE, "dtype": "fp32", "model_hash": None, "device": None,
-           "vae_tile": None}
+           "vae_tile": None, "loras": [], "lora_dir": None, "embeddings_dir": None, "lora_hashes": {}}
     if args.from_image:
         stored, recorded = _stored_settings(args.from_image)
-        run.update({key: recorded.get(key) for key in run})
+        run.update({key: recorded[key] for key in run if key in recorded})
     values = {**stored, **{name: given[name] for name in DEFAULTS if name in given}}
     # checked once the sampler is known, which may be the model's default (run)
     run["sampler_options"] = {**values.pop("sampler_options", {}), **sampler_option_flags(args)}
@@ -117,7 +136,7 @@ def build_request(args) -> tuple[GenerationRequest, dict]:
     if values.get("seed") is None:
         values["seed"] = random.randrange(2**32)
     values["num_images_per_prompt"] = 1                 # one image per call: each PNG replays alone
-    for key in ("model", "dtype", "vae_tile"):
+    for key in ("model", "dtype", "vae_tile", "loras", "lora_dir", "embeddings_dir"):
         run[key] = given.get(key, run[key])
     if run["vae_tile"] is not None and run["vae_tile"] < MIN_VAE_TILE:
         raise UserError(f"--vae-tile must be >= {MIN_VAE_TILE} latent pixels (tiles overlap by 16), "
@@ -194,7 +213,10 @@ def run(args) -> None:
     check_request_for_model(pipe, request)
     check_generation_fits(pipe, request, paths[0].parent, len(seeds))
     args.gif_frames = _gif_previews(args, request.num_steps)
-    model = ModelRecord(settings["model"], path, digest, settings["dtype"], device.type, settings["vae_tile"])
+    _load_adapters(pipe, request, settings, replaying=bool(args.from_image))
+    model = ModelRecord(settings["model"], path, digest, settings["dtype"], device.type, settings["vae_tile"],
+                        tuple((str(p), w) for p, w in settings["loras"]), settings["lora_dir"],
+                        settings["embeddings_dir"])
     _generate(args, pipe, request, model, paths, grid_path)
 
 
@@ -230,6 +252,25 @@ def _generate(args, pipe: TextToImage, request: GenerationRequest, model: ModelR
     if args.gif:
         save_gif([image_grid(list(step), *shape) for step in zip(*progress.animations)], args.gif)
         print(f"wrote {args.gif} ({len(progress.animations[0])} frames)")
+
+
+def _load_adapters(pipe: TextToImage, request: GenerationRequest, settings: dict, replaying: bool) -> None:
+    """--embeddings-dir, the --lora files with their weights and --lora-dir; then a hint when an LCM-LoRA
+    runs with other settings than LCM's, and a warning when a replay's LoRA files changed."""
+    if settings["embeddings_dir"]:
+        for name, info in pipe.load_embeddings_dir(settings["embeddings_dir"])[1].items():
+            print(f"warning: embedding {name} skipped: {info['error']}", file=sys.stderr)
+    names = [pipe.load_lora_weights(path) for path, _ in settings["loras"]]
+    if names:
+        pipe.set_adapters(names, [weight for _, weight in settings["loras"]])
+    pipe.set_lora_dir(settings["lora_dir"])
+    pipe.prompt_loras.apply(request.prompts)            # the prompt's <lora:...>, checked before any image
+    hint = pipe.lora.lcm_hint(resolve_sampler(request.sampler), request.num_steps, request.guidance_scale)
+    if hint:
+        print(f"hint: {hint}", file=sys.stderr)
+    if replaying and settings["lora_hashes"] and settings["lora_hashes"] != pipe.lora_hashes():
+        print(f"warning: the LoRAs' hashes {pipe.lora_hashes()} differ from the recorded "
+              f"{settings['lora_hashes']}: the image will differ", file=sys.stderr)
 
 
 class _Progress:

@@ -53,6 +53,11 @@ def add_arguments(p) -> None:
     for name, (kind, what) in LIMIT_FLAGS.items():
         p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=getattr(defaults, name),
                        help=f"the most a request may ask for: {what}")
+    p.add_argument("--lora-dir", metavar="DIR",
+                   help="folder of LoRA files that <lora:NAME:WEIGHT> in prompts names (GET /sdapi/v1/loras)")
+    p.add_argument("--embeddings-dir", metavar="DIR",
+                   help="folder of textual-inversion embeddings, each file's name a prompt word "
+                        "(GET /sdapi/v1/embeddings)")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="weights dtype")
     p.add_argument("--device", default=None, help="device; None: cuda if available, else cpu")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
@@ -81,12 +86,18 @@ def run(args) -> None:
     def load(path: Path) -> TextToImage:
         pipe = TextToImage.from_pretrained(path, dtype=DTYPES[args.dtype], device=device)
         pipe.show_progress = False
+        pipe.set_lora_dir(args.lora_dir)
+        if args.embeddings_dir:
+            skipped = pipe.load_embeddings_dir(args.embeddings_dir)[1]
+            if skipped:
+                print(f"embeddings skipped (GET /sdapi/v1/embeddings says why): {', '.join(skipped)}")
         return pipe
 
     path = model_path(args.model)
     # clients see the model's name, never where it is on this machine
     name = args.model if args.model == DEFAULT_TEXT_TO_IMAGE or not Path(args.model).exists() else path.name
-    model = ModelRecord(name, path, model_hash(path), args.dtype, device.type)
+    model = ModelRecord(name, path, model_hash(path), args.dtype, device.type,
+                        lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir)
     registry = ModelRegistry(load(path), model, dirs=dirs, load=load)
     app = create_app(registry.pipe, model, settings, registry=registry)
     where = f"port {args.port}" if args.port else "a free port (uvicorn's line below names it)"

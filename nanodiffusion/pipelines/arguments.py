@@ -1,7 +1,7 @@
 """The checks at the pipelines' public boundary, in one place: what `TextToImage.generate` takes besides its
 GenerationRequest (whose fields check themselves), and what `DDPMPipeline.__call__` takes. Each failure is a
 UserError, or a UserTypeError (also a TypeError) for a wrong type, naming the argument, its value and what is
-valid.
+valid; and what NaN latents after sampling say about the inputs that caused them.
 """
 
 from collections.abc import Sequence
@@ -94,6 +94,17 @@ def check_ddpm_call(num_images: int, *, sampler: str, num_steps: int, seed: int,
         raise UserTypeError(f"labels must be a list of class indices or class names, got {labels!r}")
     check_options(sampler, SAMPLERS[sampler].function, options)
     return sampler
+
+
+def diverged_message(dtype: torch.dtype, guidance_scale: float | None = None) -> str:
+    """What NaN or infinite latents after sampling mean, for the error that reports them."""
+    if dtype != torch.float32:
+        return f"the latents became NaN or infinite: the UNet overflowed in {dtype} (try float32)"
+    if guidance_scale is not None and guidance_scale > 30:
+        cause = f"guidance_scale {guidance_scale:g} is far above the usual 1 to 30"
+    else:
+        cause = "a very large guidance scale or prompt emphasis weight does that (usual: 1 to 30, 0.5 to 1.5)"
+    return f"the latents became NaN or infinite while sampling in float32: {cause}"
 
 
 def _is_label(label) -> bool:

@@ -37,6 +37,9 @@ class ModelRecord:
     dtype: str                      # "fp32", "fp16" or "bf16"
     device: str                     # device type: "cpu", "cuda"
     vae_tile: int | None = None     # latent pixels per tile when the VAE decoded in tiles
+    loras: tuple[tuple[str, float], ...] = ()   # LoRA files applied to every image (generate --lora PATH:W)
+    lora_dir: str | None = None     # where <lora:NAME:W> in prompts was looked up
+    embeddings_dir: str | None = None   # the textual-inversion embeddings loaded
 
     @property
     def name(self) -> str:
@@ -44,17 +47,19 @@ class ModelRecord:
         return self.path.stem if self.path.is_file() else Path(self.argument).name
 
 
-def png_text(request, model: ModelRecord, *, img2img: bool = False) -> dict[str, str]:
+def png_text(request, model: ModelRecord, *, img2img: bool = False,
+             lora_hashes: dict[str, str] | None = None) -> dict[str, str]:
     """Both text chunks of an image of `request` (one prompt, its seed filled in) made by `model`, from an
-    init image if `img2img`."""
-    return {PARAMETERS_KEY: a1111_parameters(request, model.name, model.hash, img2img=img2img),
-            SETTINGS_KEY: settings_json(request, model, img2img=img2img)}
+    init image if `img2img`, with the LoRAs `lora_hashes` ({name: A1111 short hash}) active."""
+    return {PARAMETERS_KEY: a1111_parameters(request, model.name, model.hash, img2img=img2img,
+                                             lora_hashes=lora_hashes),
+            SETTINGS_KEY: settings_json(request, model, img2img=img2img, lora_hashes=lora_hashes)}
 
 
 def a1111_parameters(request, model_name: str | None, model_hash: str | None, *,
-                     img2img: bool = False) -> str:
+                     img2img: bool = False, lora_hashes: dict[str, str] | None = None) -> str:
     """A1111's infotext for one image of `request` (a GenerationRequest with one prompt and seed filled in),
-    with its "Denoising strength" if it was made from an init image (`img2img`).
+    with its "Denoising strength" if it was made from an init image (`img2img`), its "Lora hashes" if any.
 
     As A1111: no negative line when there is no negative prompt, no schedule type for the sampler's own, and
     values holding a comma, colon or newline are written as JSON strings.
@@ -76,6 +81,8 @@ def a1111_parameters(request, model_name: str | None, model_hash: str | None, *,
         "Denoising strength": f"{request.strength:g}" if img2img else None,
         "Clip skip": request.clip_skip if request.clip_skip != 1 else None,
         **_option_labels(request),
+        "Lora hashes": ", ".join(f"{name}: {digest}" for name, digest in lora_hashes.items())
+        if lora_hashes else None,
         "Version": f"nanodiffusion {__version__}",
     }
     lines.append(", ".join(f"{key}: {_quote(str(value))}" for key, value in settings.items()
@@ -96,14 +103,19 @@ def _quote(value: str) -> str:
     return json.dumps(value, ensure_ascii=False) if any(c in value for c in ",:\n") else value
 
 
-def settings_json(request, model: ModelRecord, *, img2img: bool = False) -> str:
+def settings_json(request, model: ModelRecord, *, img2img: bool = False,
+                  lora_hashes: dict[str, str] | None = None) -> str:
     """Our own text chunk: the request and what else decides the pixels (model, dtype, device, the VAE tile
-    size when the image was decoded in tiles, and whether an init image, which the PNG does not hold, did)."""
+    size when the image was decoded in tiles, whether an init image, which the PNG does not hold, did, and
+    the adapters when there are any)."""
     run = {"model": model.argument, "model_hash": model.hash, "dtype": model.dtype, "device": model.device}
     if model.vae_tile is not None:
         run["vae_tile"] = model.vae_tile
     if img2img:
         run["img2img"] = True
+    adapters = {"loras": [list(lora) for lora in model.loras], "lora_dir": model.lora_dir,
+                "embeddings_dir": model.embeddings_dir, "lora_hashes": lora_hashes}
+    run.update({key: value for key, value in adapters.items() if value})
     return json.dumps({"format": SETTINGS_FORMAT, "version": __version__, "request": request.to_dict(),
                        **run}, ensure_ascii=False)
 

@@ -18,6 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from nanodiffusion.adapters import LoRAAdapters, load_textual_inversion
+from nanodiffusion.adapters.prompt_loras import LoRAFolder, PromptLoRAs
+from nanodiffusion.adapters.textual_inversion import load_embedding_folder
 from nanodiffusion.diffusion.denoisers import (
     Denoiser, cfg_denoiser, inpainting_denoiser, lcm_boundary_condition,
 )
@@ -29,7 +31,7 @@ from nanodiffusion.diffusion.sampling_plan import (
 from nanodiffusion.errors import UserError
 from nanodiffusion.images import to_pil
 from nanodiffusion.nets.vae_tiling import decode_sliced, decode_tiled
-from nanodiffusion.pipelines.arguments import check_generate_inputs
+from nanodiffusion.pipelines.arguments import check_generate_inputs, diverged_message
 from nanodiffusion.pipelines.img2img import ImageInput, prepare_images, prepare_mask
 from nanodiffusion.pipelines.prompts import count_chunks, encode_prompts
 from nanodiffusion.pipelines.request import (
@@ -66,6 +68,7 @@ class TextToImage:
         self.denoiser = Denoiser(self._eps, self.schedule.alphas_cumprod, self.schedule.prediction)
         self.generation_defaults = check_generation_defaults(generation_defaults or {})
         self.show_progress = True
+        self.embeddings: tuple[dict, dict] = ({}, {})     # (loaded, skipped) of load_embeddings_dir
         # Memory-bounded VAE decoding (nets/vae_tiling.py): tiles of this many latent pixels (None: whole
         # images), overlapping by vae_tile_overlap; vae_slicing decodes the images of a batch one by one.
         self.vae_tile_size: int | None = None
@@ -203,7 +206,8 @@ class TextToImage:
         init_images = prepare_images(image) if image is not None else None
         request, generator = self._settle(request, generator, init_images)
         sampler = resolve_sampler(request.sampler)
-        model = self._guided_denoiser(request)
+        texts = self.prompt_loras.apply(request.prompts)              # <lora:NAME:W> tags applied, then cut
+        model = self._guided_denoiser(replace(request, prompt=texts))
         sigmas = self.sigmas(sampler, request.num_steps, request.sigma_schedule)
         if init_images is None:
             noise = self._noise(request, generator, latents)
@@ -385,13 +389,22 @@ class TextToImage:
         """Add a textual-inversion embedding to the tokenizer and text encoder; returns its prompt token."""
         return load_textual_inversion(self.text_encoder, self.tokenizer, path, token)
 
+    # A1111's folders: <lora:NAME:W> in prompts from a LoRA folder, embeddings named by their files.
+    @functools.cached_property
+    def prompt_loras(self) -> PromptLoRAs:
+        """Applies the `<lora:NAME:W>` tags of each generation's prompts (adapters/prompt_loras.py)."""
+        return PromptLoRAs(self.lora)
 
-def diverged_message(dtype: torch.dtype, guidance_scale: float | None = None) -> str:
-    """What NaN or infinite latents after sampling mean, for the error that reports them."""
-    if dtype != torch.float32:
-        return f"the latents became NaN or infinite: the UNet overflowed in {dtype} (try float32)"
-    if guidance_scale is not None and guidance_scale > 30:
-        cause = f"guidance_scale {guidance_scale:g} is far above the usual 1 to 30"
-    else:
-        cause = "a very large guidance scale or prompt emphasis weight does that (usual: 1 to 30, 0.5 to 1.5)"
-    return f"the latents became NaN or infinite while sampling in float32: {cause}"
+    def set_lora_dir(self, folder: str | Path | None) -> None:
+        """Where `<lora:NAME:W>` in a prompt finds NAME.safetensors (None: tags are an error)."""
+        self.prompt_loras.folder = LoRAFolder(folder) if folder is not None else None
+
+    def load_embeddings_dir(self, folder: str | Path) -> tuple[dict, dict]:
+        """Load every textual-inversion embedding in `folder`, each named by its file's stem; returns
+        (loaded, skipped) as A1111's GET /sdapi/v1/embeddings, also kept in `self.embeddings`."""
+        self.embeddings = load_embedding_folder(self.text_encoder, self.tokenizer, folder)
+        return self.embeddings
+
+    def lora_hashes(self) -> dict[str, str]:
+        """{name: A1111 short hash} of the active LoRAs: the "Lora hashes" of the images made now."""
+        return self.prompt_loras.hashes()

@@ -91,6 +91,8 @@ class Service:
         pipe = self.pipe()
         seed = body.seed if body.seed != -1 else random.randrange(2**32)
         request = body.generation_request(seed, self.defaults(), pipe.native_size)
+        if hasattr(pipe, "prompt_loras"):               # <lora:NAME:W>: unknown names are refused here
+            pipe.prompt_loras.check(request.prompts)
         sigmas = pipe.sigmas(request.sampler, request.num_steps, request.sigma_schedule)  # e.g. LCM's limits
         self.settings.limits.check(body, request, unet_parameters(pipe))
         steps = request.num_steps if edits is None or sigmas is None \
