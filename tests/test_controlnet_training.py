@@ -87,7 +87,7 @@ def test_cli_trains_a_controlnet_that_generate_uses(tmp_path, dataset, capsys):
     assert main([*train, "--max-steps", "2"]) == 0
     assert main([*train, "--max-steps", "3", "--resume"]) == 0
     printed = capsys.readouterr().out
-    assert "resumed from" in printed and "at epoch 0, step 2" in printed and "done: 3 steps" in printed
+    assert "resumed from" in printed and ", step 2" in printed and "done: 3 steps" in printed
     edges = Image.fromarray(edge_maps(dataset.images[:1].numpy())[0]).convert("RGB")
     edges.save(tmp_path / "edges.png")
     image = tmp_path / "image.png"

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from nanodiffusion.atomic import check_output_file, check_output_folder
 from nanodiffusion.commands.generate_control import (
     add_control_arguments, attach_controls, control_values,
 )
@@ -25,10 +26,13 @@ from nanodiffusion.errors import UserError
 from nanodiffusion.images import (
     frame_steps, grid_shape, image_grid, read_png_text, save_gif, save_png, to_pil,
 )
+from nanodiffusion.pipelines.arguments import check_request_for_model
 from nanodiffusion.pipelines.image_loop import generate_each
+from nanodiffusion.pipelines.memory import check_generation_fits
 from nanodiffusion.pipelines.metadata import ModelRecord, read_settings
 from nanodiffusion.pipelines.request import GenerationRequest
 from nanodiffusion.pipelines.text_to_image import TextToImage
+from nanodiffusion.validation import check_seed, finite_float, resolve_device
 from nanodiffusion.weights.components import DTYPES
 from nanodiffusion.weights.models import DEFAULT_TEXT_TO_IMAGE, model_hash, model_path
 
@@ -38,6 +42,8 @@ SUPPRESS = argparse.SUPPRESS    # flags not given stay unset, so that --from can
 UNSET_IS_NONE = ("from_image", "out", "out_dir", "gif", "device")      # optional flags without a setting
 
 MIN_VAE_TILE = 32                       # latent pixels: tiles overlap by 16 (TextToImage.vae_tile_overlap)
+GIF_PREVIEWS = 10                       # default previews in a GIF, at most one per step
+MAX_IMAGES = 100_000                    # -n: one PNG each; more in one run is surely a typo
 
 
 def add_arguments(p) -> None:
@@ -49,7 +55,7 @@ def add_arguments(p) -> None:
     p.add_argument("--negative", dest="negative_prompt", default=SUPPRESS, help="negative prompt")
     p.add_argument("--steps", dest="num_steps", type=int, default=SUPPRESS,
                    help=f"sampling steps (default: the model's, else {DEFAULTS['num_steps']})")
-    p.add_argument("--guidance", dest="guidance_scale", type=float, default=SUPPRESS,
+    p.add_argument("--guidance", dest="guidance_scale", type=finite_float, default=SUPPRESS,
                    help="classifier-free guidance scale, 1 = none (default: the model's, else "
                         f"{DEFAULTS['guidance_scale']})")
     p.add_argument("--seed", type=int, default=SUPPRESS,
@@ -85,8 +91,9 @@ def add_arguments(p) -> None:
     p.add_argument("--grid", action="store_true", help="also write all images as one grid (STEM-grid.png)")
     p.add_argument("--gif", default=SUPPRESS,
                    help="write an animated GIF of the denoising: decoded x0 previews")
-    p.add_argument("--gif-frames", type=int, default=10,
-                   help="previews in the GIF, the final image after them")
+    p.add_argument("--gif-frames", type=int, default=None,
+                   help=f"previews in the GIF, the final image after them (default: {GIF_PREVIEWS}, or one "
+                        "per step when there are fewer steps)")
     p.add_argument("--from", dest="from_image", default=SUPPRESS,
                    help="replay the settings stored in a PNG made by this command")
     add_control_arguments(p)
@@ -119,12 +126,8 @@ def build_request(args) -> tuple[GenerationRequest, dict]:
     run = {"model": DEFAULT_TEXT_TO_IMAGE, "dtype": "fp32", "model_hash": None, "device": None,
            "vae_tile": None, "loras": [], "lora_dir": None, "embeddings_dir": None, "lora_hashes": {}}
     if args.from_image:
-        settings = read_settings(read_png_text(args.from_image), args.from_image)
-        if settings.get("img2img"):
-            raise UserError(f"{args.from_image} was made by img2img from an init image that the PNG does not "
-                            "hold: --from replays text-to-image PNGs only")
-        stored = settings["request"]
-        run.update({key: settings[key] for key in run if key in settings})
+        stored, recorded = _stored_settings(args.from_image)
+        run.update({key: recorded[key] for key in run if key in recorded})
     values = {**stored, **{name: given[name] for name in DEFAULTS if name in given}}
     # checked once the sampler is known, which may be the model's default (run)
     run["sampler_options"] = {**values.pop("sampler_options", {}), **sampler_option_flags(args)}
@@ -133,8 +136,8 @@ def build_request(args) -> tuple[GenerationRequest, dict]:
     values["controls"] = control_values(given, stored.get("controls", []))
     if "prompt" not in values:
         raise UserError("give a PROMPT (or --from IMAGE.png to replay one)")
-    if args.num_images < 1:
-        raise UserError(f"the number of images must be >= 1, got {args.num_images}")
+    if not 1 <= args.num_images <= MAX_IMAGES:
+        raise UserError(f"the number of images must be from 1 to {MAX_IMAGES:,}, got {args.num_images}")
     if values.get("seed") is None:
         values["seed"] = random.randrange(2**32)
     values["num_images_per_prompt"] = 1                 # one image per call: each PNG replays alone
@@ -144,20 +147,51 @@ def build_request(args) -> tuple[GenerationRequest, dict]:
         raise UserError(f"--vae-tile must be >= {MIN_VAE_TILE} latent pixels (tiles overlap by 16), "
                         f"got {run['vae_tile']}")
     run["chosen"] = set(values)
-    return GenerationRequest.from_dict(values), run
+    request = GenerationRequest.from_dict(values)
+    check_seed(request.seed, args.num_images, "--seed")          # image k has seed + k
+    return request, run
+
+
+def _stored_settings(png: str) -> tuple[dict, dict]:
+    """The request of a PNG made by this command, checked alone (so that an error names the file), and its
+    other settings."""
+    settings = read_settings(read_png_text(png), png)
+    if settings.get("img2img"):
+        raise UserError(f"{png} was made by img2img from an init image that the PNG does not hold: --from "
+                        "replays text-to-image PNGs only")
+    if settings["dtype"] not in DTYPES:
+        raise UserError(f"{png}: its settings name the dtype {settings['dtype']!r}; "
+                        f"valid: {', '.join(DTYPES)}")
+    try:
+        GenerationRequest.from_dict(settings["request"])
+    except UserError as error:
+        raise type(error)(f"{png}: its stored settings are not valid: {error}") from None
+    return settings["request"], settings
 
 
 def output_paths(args, seeds: list[int]) -> tuple[list[Path], Path]:
     """One path per image and the grid's path."""
-    if args.out_dir:
+    if args.out_dir is not None:
         folder = Path(args.out_dir)
         paths = [folder / f"{k:05d}-{seed}.png" for k, seed in enumerate(seeds)]
         return paths, folder / f"grid-{seeds[0]}.png"
-    out = Path(args.out or DEFAULT_OUT)
+    out = Path(args.out if args.out is not None else DEFAULT_OUT)
     if out.suffix.lower() != ".png":
         raise UserError(f"--out must name a .png file, got {out}")
     paths = [out] if len(seeds) == 1 else [out.with_name(f"{out.stem}-{k}.png") for k in range(len(seeds))]
     return paths, out.with_name(f"{out.stem}-grid.png")
+
+
+def check_outputs(args, paths: list[Path], grid_path: Path) -> None:
+    """Every file this run writes can be written: checked before the model loads."""
+    if args.out_dir is not None:
+        check_output_folder(args.out_dir, "--out-dir")
+    if args.gif_frames is not None and args.gif_frames < 1:
+        raise UserError(f"--gif-frames must be >= 1, got {args.gif_frames}")
+    flag = "--out-dir" if args.out_dir is not None else "--out"
+    for path, what in [*((path, flag) for path in paths), *([(grid_path, "--grid")] if args.grid else []),
+                       *([(args.gif, "--gif")] if args.gif is not None else [])]:
+        check_output_file(path, what, suffix=".gif" if what == "--gif" else ".png")
 
 
 def run(args) -> None:
@@ -166,11 +200,12 @@ def run(args) -> None:
     request, settings = build_request(args)
     seeds = [request.seed + k for k in range(args.num_images)]
     paths, grid_path = output_paths(args, seeds)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_outputs(args, paths, grid_path)
+    device = resolve_device(args.device)
     path = model_path(settings["model"])
     digest = model_hash(path)
     if args.from_image:
-        _warn_if_different(settings, digest, device)
+        _warn_if_different(settings, digest, device.type)
     pipe = TextToImage.from_pretrained(path, dtype=DTYPES[settings["dtype"]], device=device)
     pipe.show_progress = False
     if "dtype" not in vars(args) and not args.from_image:
@@ -181,14 +216,35 @@ def run(args) -> None:
     request = replace(request, sampler_options=settings["sampler_options"],
                       **{key: value for key, value in pipe.generation_defaults.items()
                          if key not in settings["chosen"]})
+    check_request_for_model(pipe, request)
+    check_generation_fits(pipe, request, paths[0].parent, len(seeds))
+    args.gif_frames = _gif_previews(args, request.num_steps)
     _load_adapters(pipe, request, settings, replaying=bool(args.from_image))
-    model = ModelRecord(settings["model"], path, digest, settings["dtype"], torch.device(device).type,
-                        settings["vae_tile"], tuple((str(p), w) for p, w in settings["loras"]),
-                        settings["lora_dir"], settings["embeddings_dir"])
-    previews = frame_steps(request.num_steps, args.gif_frames) if args.gif else set()
-    progress = _Progress(pipe, request, len(seeds), previews)
+    model = ModelRecord(settings["model"], path, digest, settings["dtype"], device.type, settings["vae_tile"],
+                        tuple((str(p), w) for p, w in settings["loras"]), settings["lora_dir"],
+                        settings["embeddings_dir"])
+    _generate(args, pipe, request, model, paths, grid_path)
+
+
+def _gif_previews(args, num_steps: int) -> int:
+    """The previews of --gif: as asked, at most one per step; by default GIF_PREVIEWS or one per step."""
+    if args.gif is None:
+        return 0
+    if args.gif_frames is None:
+        return min(GIF_PREVIEWS, num_steps)
+    if args.gif_frames > num_steps:
+        raise UserError(f"--gif-frames must be from 1 to the number of steps ({num_steps}): one preview per "
+                        f"step at most, got {args.gif_frames}")
+    return args.gif_frames
+
+
+def _generate(args, pipe: TextToImage, request: GenerationRequest, model: ModelRecord, paths: list[Path],
+              grid_path: Path) -> None:
+    """Make and write the images (each as it is done), then the grid and the GIF."""
+    previews = frame_steps(request.num_steps, args.gif_frames) if args.gif_frames else set()
+    progress = _Progress(pipe, request, len(paths), previews)
     images, texts = [], []
-    for out, (image, text, done, _) in zip(paths, generate_each(pipe, request, len(seeds), model,
+    for out, (image, text, done, _) in zip(paths, generate_each(pipe, request, len(paths), model,
                                                                 progress=progress)):
         progress.finish(image)
         save_png(image, out, text)

@@ -13,6 +13,7 @@ from nanodiffusion.control_images.resize import RESIZE_MODES
 from nanodiffusion.diffusion.denoisers import CONTROL_MODES
 from nanodiffusion.errors import UserError
 from nanodiffusion.pipelines.request import PREPROCESSORS, GenerationRequest
+from nanodiffusion.validation import finite_float
 
 SUPPRESS = argparse.SUPPRESS
 # flag destination -> ControlSettings field, for the per-ControlNet settings
@@ -31,11 +32,11 @@ def add_control_arguments(p) -> None:
     group.add_argument("--control-preprocess", action="append", choices=PREPROCESSORS, default=SUPPRESS,
                        help="make the control map from the image: none (the image is the map), canny, "
                             "openpose (default: none)")
-    group.add_argument("--control-scale", action="append", type=float, default=SUPPRESS, metavar="W",
+    group.add_argument("--control-scale", action="append", type=finite_float, default=SUPPRESS, metavar="W",
                        help="conditioning scale, A1111's weight (default: 1)")
-    group.add_argument("--control-start", action="append", type=float, default=SUPPRESS, metavar="F",
+    group.add_argument("--control-start", action="append", type=finite_float, default=SUPPRESS, metavar="F",
                        help="fraction of the steps before which it is off (default: 0)")
-    group.add_argument("--control-end", action="append", type=float, default=SUPPRESS, metavar="F",
+    group.add_argument("--control-end", action="append", type=finite_float, default=SUPPRESS, metavar="F",
                        help="fraction of the steps after which it is off (default: 1)")
     group.add_argument("--control-mode", action="append", choices=CONTROL_MODES, default=SUPPRESS,
                        help="A1111's control mode: balanced, prompt or controlnet (is more important)")
@@ -79,7 +80,7 @@ def attach_controls(pipe, request: GenerationRequest, *, trust_pickle: bool,
             pipe.load_controlnet(control.model, trust_pickle=trust_pickle)
         digest = pipe.controlnets[control.model].hash
         if replaying and control.model_hash not in (None, digest):
-            print(f"warning: the ControlNet {control.model} has hash {digest}, recorded {control.model_hash}: "
-                  "the image will differ", file=sys.stderr)
+            print(f"warning: the ControlNet {control.model} has hash {digest}, recorded "
+                  f"{control.model_hash}: the image will differ", file=sys.stderr)
         controls.append(replace(control, model_hash=digest))
     return replace(request, controls=tuple(controls))

@@ -7,6 +7,7 @@ from nanodiffusion.commands.train_options import (
     add_data_arguments, add_loop_arguments, loop_settings, resume_if_asked, say,
 )
 from nanodiffusion.data.captioned import load_captioned
+from nanodiffusion.validation import finite_float
 from nanodiffusion.training.controlnet_trainer import (
     CONTROLNET_FOLDER, ControlNetTrainConfig, ControlNetTrainer,
 )
@@ -24,13 +25,14 @@ def add_arguments(p) -> None:
     model.add_argument("--embedding-channels", type=int, nargs="+", default=list(DEFAULT_EMBEDDING),
                        help="widths of the control-image encoder; one more than the VAE's halvings")
     train = add_loop_arguments(p, defaults)        # the schedule and the prediction are the model's
-    train.add_argument("--ema-decay", type=float, default=defaults.ema_decay)
-    train.add_argument("--min-snr-gamma", type=float, help="min-SNR loss weighting (e.g. 5); off by default")
-    train.add_argument("--caption-dropout", type=float, default=defaults.caption_dropout,
+    train.add_argument("--ema-decay", type=finite_float, default=defaults.ema_decay)
+    train.add_argument("--min-snr-gamma", type=finite_float,
+                       help="min-SNR loss weighting (e.g. 5); off by default")
+    train.add_argument("--caption-dropout", type=finite_float, default=defaults.caption_dropout,
                        help="probability of training on the empty caption (the paper's 0.5)")
-    train.add_argument("--low-threshold", type=float, default=defaults.low_threshold,
+    train.add_argument("--low-threshold", type=finite_float, default=defaults.low_threshold,
                        help="Canny's low threshold for the control maps")
-    train.add_argument("--high-threshold", type=float, default=defaults.high_threshold,
+    train.add_argument("--high-threshold", type=finite_float, default=defaults.high_threshold,
                        help="Canny's high threshold for the control maps")
 
 
@@ -50,7 +52,8 @@ def run(args) -> None:
                                    high_threshold=args.high_threshold)
     trainer = ControlNetTrainer(config, pipe, dataset, embedding_channels=tuple(args.embedding_channels),
                                 base_hash=model_hash(path))
-    resume_if_asked(trainer, args)
+    if resume_if_asked(trainer, args):
+        return
     params = sum(p.numel() for p in trainer.controlnet.parameters())
     say(f"training a {params / 1e6:.2f}M-parameter ControlNet for {args.model} on the edges of "
         f"{len(dataset)} images; checkpoints in {args.out_dir}")

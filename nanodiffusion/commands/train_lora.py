@@ -9,6 +9,7 @@ from pathlib import Path
 from nanodiffusion.commands.train_options import add_loop_arguments, loop_settings, resume_if_asked, say
 from nanodiffusion.errors import UserError
 from nanodiffusion.training.lora_trainer import LoRATrainConfig, LoRATrainer
+from nanodiffusion.validation import finite_float
 from nanodiffusion.weights.models import DEFAULT_TEXT_TO_IMAGE, model_hash, model_path
 
 
@@ -25,19 +26,21 @@ def add_arguments(p) -> None:
     lora = p.add_argument_group("LoRA")
     lora.add_argument("--name", help="the LoRA's name: OUT_DIR/NAME.safetensors (default: OUT_DIR's name)")
     lora.add_argument("--rank", type=int, default=defaults.rank, help="rank r of each LoRA layer")
-    lora.add_argument("--alpha", type=float,
+    lora.add_argument("--alpha", type=finite_float,
                       help="alpha: the LoRA is scaled by alpha / rank (default: the rank, a scale of 1)")
     lora.add_argument("--text-encoder-lora", action="store_true",
                       help="also train a LoRA on the text encoder (it learns new words better)")
     train = add_loop_arguments(p, defaults)
-    train.add_argument("--caption-dropout", type=float, default=defaults.caption_dropout,
+    train.add_argument("--caption-dropout", type=finite_float, default=defaults.caption_dropout,
                        help="probability of training on the empty caption")
     train.add_argument("--ema", action="store_true", help="save the exponential moving average of the LoRA")
-    train.add_argument("--ema-decay", type=float, default=defaults.ema_decay)
-    train.add_argument("--min-snr-gamma", type=float, help="min-SNR loss weighting (e.g. 5); off by default")
+    train.add_argument("--ema-decay", type=finite_float, default=defaults.ema_decay)
+    train.add_argument("--min-snr-gamma", type=finite_float,
+                       help="min-SNR loss weighting (e.g. 5); off by default")
     train.add_argument("--sample-prompt", action="append", default=[],
                        help="a prompt of the sample grids (repeat; default: the first captions)")
-    train.add_argument("--sample-guidance", type=float, help="guidance of the sample grids (the model's)")
+    train.add_argument("--sample-guidance", type=finite_float,
+                       help="guidance of the sample grids (the model's)")
 
 
 def run(args) -> None:
@@ -47,7 +50,7 @@ def run(args) -> None:
     path = model_path(args.model)
     pipe = TextToImage.from_pretrained(path)
     pipe.show_progress = False
-    size = args.image_size or pipe.native_size
+    size = args.image_size if args.image_size is not None else pipe.native_size
     dataset = load_captioned(args.dataset, image_size=size, channels=pipe.vae.config.in_channels,
                              seed=args.seed)
     if dataset.image_size != size:
@@ -59,7 +62,8 @@ def run(args) -> None:
         caption_dropout=args.caption_dropout, sample_prompts=tuple(args.sample_prompt),
         sample_guidance_scale=args.sample_guidance)
     trainer = LoRATrainer(config, pipe, dataset, (path.stem if path.is_file() else path.name, model_hash(path)))
-    resume_if_asked(trainer, args)
+    if resume_if_asked(trainer, args):
+        return
     params = sum(p.numel() for p in trainer.lora.parameters())
     say(f"training a rank-{config.rank} LoRA ({params / 1e3:.1f}k parameters on "
         f"{', '.join(trainer.lora.targets)}) on {len(dataset)} captioned images; checkpoints in "

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from nanodiffusion.data.captions import class_prompts
 from nanodiffusion.data.datasets import UInt8Images, load_dataset
-from nanodiffusion.data.folder import list_images, read_image_folder
+from nanodiffusion.data.folder import check_images_fit, list_images, read_image_folder
 from nanodiffusion.data.mnist import MNIST_FAMILY
 from nanodiffusion.data.shapes import ShapesDataset
 from nanodiffusion.errors import UserError
@@ -115,6 +115,7 @@ def mnist_captioned(name: str, image_size: int | None = None, channels: int | No
 
 def shapes_captioned(num_items: int, image_size: int, seed: int = 0) -> CaptionedDataset:
     """The first `num_items` scenes of `ShapesDataset(image_size, seed)`, rendered (0.2 ms each at 32x32)."""
+    check_images_fit(num_items, 3, image_size, working=0)
     shapes = ShapesDataset(image_size, seed=seed, num_items=num_items)
     images = torch.empty((num_items, 3, image_size, image_size), dtype=torch.uint8)
     choices = []

@@ -151,7 +151,21 @@ def read_settings(text: dict[str, str], source: str) -> dict:
         settings = json.loads(text[SETTINGS_KEY])
     except json.JSONDecodeError as error:
         raise UserError(f"{source}: the nanodiffusion settings are not valid JSON ({error})") from None
+    if not isinstance(settings, dict):
+        raise UserError(f"{source}: the nanodiffusion settings are a JSON {type(settings).__name__}, "
+                        "not an object")
     if settings.get("format") != SETTINGS_FORMAT:
         raise UserError(f"{source}: unknown settings format {settings.get('format')!r}; "
                         f"this version reads format {SETTINGS_FORMAT}")
+    for key, kinds in _SETTINGS_TYPES.items():
+        value = settings.get(key)
+        if not isinstance(value, kinds) or isinstance(value, bool):
+            names = " or ".join("null" if kind is type(None) else _JSON_NAMES[kind] for kind in kinds)
+            raise UserError(f"{source}: the nanodiffusion settings' {key!r} must be {names}, got {value!r}")
     return settings
+
+
+# format 1: what each entry of our text chunk holds (null: not recorded); a tampered chunk is an error
+_SETTINGS_TYPES = {"request": (dict,), "model": (str,), "dtype": (str,), "model_hash": (str, type(None)),
+                   "device": (str, type(None)), "vae_tile": (int, type(None))}
+_JSON_NAMES = {dict: "an object", str: "a string", int: "an integer"}

@@ -31,14 +31,16 @@ from nanodiffusion.diffusion.sampling_plan import (
 from nanodiffusion.errors import UserError
 from nanodiffusion.images import to_pil
 from nanodiffusion.nets.vae_tiling import decode_sliced, decode_tiled
+from nanodiffusion.pipelines.arguments import check_generate_inputs, diverged_message
 from nanodiffusion.pipelines.control import attach_controlnets, call_settings, control_model, control_units
 from nanodiffusion.pipelines.img2img import ImageInput, prepare_images, prepare_mask
 from nanodiffusion.pipelines.prompts import count_chunks, encode_prompts
 from nanodiffusion.pipelines.request import (
-    OUTPUT_TYPES, GenerationRequest, TextToImageOutput, check_generation_defaults, read_generation_defaults,
+    GenerationRequest, TextToImageOutput, check_generation_defaults, read_generation_defaults,
 )
 from nanodiffusion.weights import file_pages, load_sd, load_vae
 from nanodiffusion.weights.components import SD15_SCHEDULER, resolve_dtype
+from nanodiffusion.validation import resolve_device
 from nanodiffusion.weights.families import model_defaults
 from nanodiffusion.weights.models import model_path
 
@@ -95,6 +97,7 @@ class TextToImage:
         bf16 on a CPU (measured faster there for both networks: benchmarks/README.md) and leaves the rest.
         """
         path = model_path(path_or_repo)
+        device = resolve_device(device)
         if memory_format is None:
             on_cpu = torch.device(device).type == "cpu"
             memory_format = torch.channels_last if on_cpu and resolve_dtype(dtype) == torch.bfloat16 \
@@ -103,8 +106,11 @@ class TextToImage:
         parts = load_sd(path, dtype=dtype, device=device, tokenizer=tokenizer,
                         memory_format=memory_format)
         if parts.tokenizer is None:
-            raise UserError(f"{path_or_repo} holds no tokenizer and its text encoder is not CLIP's (SD v1.x's):"
-                            " pass tokenizer=CLIPTokenizer.from_pretrained(the model's tokenizer folder)")
+            raise UserError(f"{path_or_repo} holds no tokenizer and its text encoder is not CLIP's "
+                            "(SD v1.x's): in Python pass tokenizer=CLIPTokenizer.from_pretrained(the model's "
+                            "tokenizer folder); on the command line make it a diffusers folder first: "
+                            "nanodiffusion convert FILE FOLDER --tokenizer TOKENIZER_FOLDER, then --model "
+                            "FOLDER")
         if vae is not None:
             parts.vae = vae if isinstance(vae, torch.nn.Module) else load_vae(
                 vae, dtype=dtype, device=device, memory_format=memory_format)
@@ -211,10 +217,8 @@ class TextToImage:
         `callback(i, x, denoised)` runs after each step (`decode_latents(denoised)` previews it);
         `control_image`: one per request.controls (else read from the files they name).
         """
-        if output_type not in OUTPUT_TYPES:
-            raise UserError(f"unknown output_type {output_type!r}; valid: {', '.join(OUTPUT_TYPES)}")
-        if mask_image is not None and image is None:
-            raise UserError("mask_image needs the image to inpaint: pass image= too")
+        check_generate_inputs(self, request, generator=generator, latents=latents, image=image,
+                              mask_image=mask_image, output_type=output_type, callback=callback)
         init_images = prepare_images(image) if image is not None else None
         request, generator = self._settle(request, generator, init_images)
         units, request = control_units(self, request, control_image)
@@ -237,6 +241,8 @@ class TextToImage:
                 model = inpainting_denoiser(model, original, noise, mask)
         x = self._sample(sampler, model, x, sigmas, generator, callback, request.sampler_options)
         x = final_latent(sampler, x, sigmas)
+        if not x.isfinite().all():
+            raise UserError(diverged_message(self.dtype, request.guidance_scale))
         if mask_image is not None:
             x = mask * x + (1 - mask) * original              # DDIM and PLMS end above sigma = 0
         return TextToImageOutput(self._postprocess(x, output_type), request)
@@ -341,6 +347,8 @@ class TextToImage:
 
         NaNs from a float16 VAE (it overflows on some latents) are reported and the VAE is upcast to float32.
         """
+        if not latents.isfinite().all():
+            raise UserError(diverged_message(self.dtype))
         z = latents / self.vae.config.scaling_factor
         vae_dtype = next(self.vae.parameters()).dtype
         images = self._decode(z.to(self.device, vae_dtype))
@@ -350,8 +358,7 @@ class TextToImage:
             self.vae.float()
             images = self._decode(z.to(self.device, torch.float32))
         if not images.isfinite().all():
-            raise UserError("the image has NaN pixels: the UNet overflowed (try dtype bfloat16 or float32)"
-                            if not latents.isfinite().all() else "the VAE produced NaN pixels")
+            raise UserError("the VAE produced NaN pixels from finite latents")
         return images
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:

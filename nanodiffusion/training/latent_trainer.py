@@ -34,6 +34,7 @@ from nanodiffusion.training.denoising import DenoisingConfig, denoising_loss
 from nanodiffusion.training.ema import EMA
 from nanodiffusion.training.export import scheduler_config
 from nanodiffusion.training.run_state import RunState, TrainState
+from nanodiffusion.validation import check_float, check_text
 from nanodiffusion.weights import SDComponents, save_diffusers
 from nanodiffusion.weights.checkpoint import load_checkpoint, save_checkpoint
 
@@ -60,6 +61,9 @@ class LatentTrainConfig(DenoisingConfig):
         super().__post_init__()
         if not 0 <= self.caption_dropout < 1:
             raise UserError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        check_float("sample_guidance_scale", self.sample_guidance_scale, minimum=0)
+        for i, prompt in enumerate(self.sample_prompts):
+            check_text(f"sample_prompts[{i}]", prompt)
 
 
 @torch.no_grad()
