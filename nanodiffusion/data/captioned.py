@@ -1,9 +1,9 @@
 """Captioned image data sets for text-to-image training: MNIST-family with label captions, coloured shapes,
 captioned image folders, and mixes of them ("fashion-mnist+mnist+shapes"), all held in memory as uint8.
 
-Each item has a tuple of captions to draw from (one for folders and shapes, every wording of its class for
-MNIST-family); `batch(indices, generator)` draws one per item from the generator, so a training run that
-saves and restores its generator replays the same captions.
+Each item has a tuple of captions to draw from (one for folders, every wording of its class for MNIST-family
+or of its scene for shapes); `batch(indices, generator)` draws one per item from the generator, so a training
+run that saves and restores its generator replays the same captions.
 """
 
 import json
@@ -19,6 +19,7 @@ from nanodiffusion.data.datasets import load_dataset
 from nanodiffusion.data.folder import list_images, read_image_folder
 from nanodiffusion.data.mnist import MNIST_FAMILY
 from nanodiffusion.data.shapes import ShapesDataset
+from nanodiffusion.data.shapes_captions import caption_choices
 from nanodiffusion.errors import UserError
 from nanodiffusion.images import uint8_to_float
 
@@ -76,10 +77,11 @@ class CaptionedDataset:
 
 
 def load_captioned(name_or_path: str, *, image_size: int | None = None, channels: int | None = None,
-                   data_dir: str | None = None, seed: int = 0, num_shapes: int = 60_000) -> CaptionedDataset:
-    """Load "mnist", "fashion-mnist", "shapes" (`num_shapes` scenes drawn from `seed`), a captioned image
-    folder, or a mix joined by "+", at one size and channel count (grayscale parts become RGB beside RGB
-    ones).
+                   data_dir: str | None = None, seed: int = 0, num_shapes: int = 60_000,
+                   two_object_prob: float = 0.3) -> CaptionedDataset:
+    """Load "mnist", "fashion-mnist", "shapes" (`num_shapes` scenes drawn from `seed`, `two_object_prob` of
+    them with two objects), a captioned image folder, or a mix joined by "+", at one size and channel count
+    (grayscale parts become RGB beside RGB ones).
 
     `image_size` None keeps the parts' own size (28 for MNIST-family, 32 for shapes alone); `channels`
     None is 3 if any part is in colour, else 1. `data_dir` is where MNIST-family files are looked up.
@@ -101,7 +103,7 @@ def load_captioned(name_or_path: str, *, image_size: int | None = None, channels
         raise UserError(f"the data sets differ in image size ({listed}): pass an image size")
     if SHAPES in names:
         size = image_size or (next(iter(sizes.values()))[0] if sizes else SHAPES_DEFAULT_SIZE)
-        parts[SHAPES] = shapes_captioned(num_shapes, size, seed)
+        parts[SHAPES] = shapes_captioned(num_shapes, size, seed, two_object_prob)
     return concat_captioned([parts[name] for name in names])
 
 
@@ -127,14 +129,16 @@ def mnist_captioned(name: str, image_size: int | None = None, channels: int | No
     return CaptionedDataset(data.images, choices, ((name, len(data)),))
 
 
-def shapes_captioned(num_items: int, image_size: int, seed: int = 0) -> CaptionedDataset:
-    """The first `num_items` scenes of `ShapesDataset(image_size, seed)`, rendered (0.2 ms each at 32x32)."""
-    shapes = ShapesDataset(image_size, seed=seed, num_items=num_items)
+def shapes_captioned(num_items: int, image_size: int, seed: int = 0,
+                     two_object_prob: float = 0.3) -> CaptionedDataset:
+    """The first `num_items` scenes of `ShapesDataset(image_size, seed, two_object_prob=...)`, rendered
+    (0.2 ms each at 32x32), each captioned by every wording of `shapes_captions.caption_choices`."""
+    shapes = ShapesDataset(image_size, seed=seed, num_items=num_items, two_object_prob=two_object_prob)
     images = torch.empty((num_items, 3, image_size, image_size), dtype=torch.uint8)
     choices = []
     for i in tqdm(range(num_items), desc="drawing shapes", unit="image", disable=num_items < 10_000):
-        images[i], caption, _ = shapes[i]
-        choices.append((caption,))
+        images[i], _, attributes = shapes[i]
+        choices.append(caption_choices(attributes))
     return CaptionedDataset(images, tuple(choices), ((SHAPES, num_items),))
 
 

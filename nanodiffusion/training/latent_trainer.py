@@ -3,9 +3,10 @@
 The data set is encoded once by the frozen VAE (under bf16 autocast when training in bf16) and its latents are
 kept in memory, scaled by the VAE's `scaling_factor`: by default the posterior means, or with
 `sample_posterior` a fresh draw z ~ q(z|x) at each visit. They are cached in `out_dir/latents.safetensors`,
-keyed by a hash of the VAE weights and the images, so a resumed run does not encode them again. Captions are dropped to "" with probability `caption_dropout`, as SD does, so that the one network
-also learns the unconditional prediction that classifier-free guidance needs (Ho & Salimans 2022). The text
-encoder is frozen (pre-trained by `train text-encoder`, as SD freezes CLIP) or trained jointly with the UNet
+keyed by a hash of the VAE weights and the images, so a resumed run does not encode them again. Captions are
+dropped to "" with probability `caption_dropout`, as SD does, so that the one network also learns the
+unconditional prediction that classifier-free guidance needs (Ho & Salimans 2022). The text encoder is frozen
+(pre-trained by `train text-encoder`, as SD freezes CLIP) or trained jointly with the UNet
 (`train_text_encoder`: its parameters join the UNet's optimizer and EMA). The result is a diffusers Stable
 Diffusion folder that `TextToImage.from_pretrained` and diffusers' StableDiffusionPipeline load.
 """
