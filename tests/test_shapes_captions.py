@@ -8,7 +8,9 @@ import torch
 from nanodiffusion.data.shapes import ShapesDataset, describe, parse_shapes_caption
 from nanodiffusion.data.shapes_captions import CANONICAL_WEIGHT, caption_choices, hard_negatives
 from nanodiffusion.evaluation.clip_score import MiniCLIPConfig
-from nanodiffusion.evaluation.compositional_retrieval import PROBE_SEED, compositional_retrieval
+from nanodiffusion.evaluation.compositional_retrieval import (
+    PROBE_SEED, caption_separation, compositional_retrieval,
+)
 from nanodiffusion.evaluation.shapes_check import check_shapes
 from nanodiffusion.images import float_to_uint8
 
@@ -76,3 +78,23 @@ def test_the_retrieval_probe_scores_an_exact_judge_fully_and_a_bag_of_words_at_c
     assert all(rate == 1.0 for group in ("one object", "two objects") for rate in exact[group].values())
     bag = compositional_retrieval(ExactScorer(bag_of_words=True), 40)
     assert bag["two objects"]["swapped"] == 0.5 and bag["one object"]["color"] == 1.0
+
+
+def test_caption_separation_is_one_for_an_encoder_that_reads_only_the_end_token():
+    from nanodiffusion.nets.clip_text import TINY_TEXT, CLIPTextModel
+    from nanodiffusion.training.captions import text_config_for
+    from nanodiffusion.tokenizer import train_bpe
+    captions = [caption for i in range(40) for caption in caption_choices(PROBE_SCENES.attributes(i))]
+    tokenizer = train_bpe(captions, 600, model_max_length=24)
+    torch.manual_seed(0)
+    encoder = CLIPTextModel(text_config_for(tokenizer, TINY_TEXT)).eval()
+    seeing = caption_separation(encoder, tokenizer, 20)
+    with torch.no_grad():           # no attention output, no positions: the pooled state is the end token's
+        encoder.text_model.embeddings.position_embedding.weight.zero_()
+        for layer in encoder.text_model.encoder.layers:
+            layer.self_attn.out_proj.weight.zero_()
+            layer.self_attn.out_proj.bias.zero_()
+    blind = caption_separation(encoder, tokenizer, 20)
+    assert all(value == pytest.approx(1.0) for group in blind.values() for value in group.values())
+    assert set(seeing["two objects"]) >= {"swapped", "relation", "other"}
+    assert all(-1 <= value < 1 for group in seeing.values() for value in group.values())

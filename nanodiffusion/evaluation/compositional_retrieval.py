@@ -5,19 +5,41 @@ objects, the objects swapped, the relation reversed, colours or shapes exchanged
 another colour, shape, size or position. A kind is read when the true caption is the more similar (a tie
 counts half). A bag of words scores 50 % on swapped objects, whose caption holds the very same words, and a
 sequence-blind encoder cannot beat that (Yuksekgonul et al. 2023, the ARO benchmark, in miniature).
+
+`caption_separation` needs no image tower: the mean cosine similarity of a text encoder's pooled states for a
+caption and each of its hard negatives (1: the encoder cannot tell them apart; unrelated captions: near 0).
 """
 
 from collections import defaultdict
 
 import torch
+import torch.nn.functional as F
 
-from nanodiffusion.data.shapes import ShapesDataset
+from nanodiffusion.data.shapes import ShapesDataset, describe
 from nanodiffusion.data.shapes_captions import hard_negatives
 from nanodiffusion.errors import UserError
 from nanodiffusion.evaluation.clip_score import CLIPScorer
 from nanodiffusion.images import uint8_to_float
 
 PROBE_SEED = 1234                   # the scenes of the shapes prompts of `eval`, not the training scenes
+
+
+@torch.no_grad()
+def caption_separation(text_encoder, tokenizer, num_scenes: int = 400, *, seed: int = PROBE_SEED) -> dict:
+    """{"two objects": {kind: mean cosine}, "one object": {kind: mean cosine}}: pooled text states of each
+    scene's canonical caption against its hard negatives, and against another scene's caption ("other")."""
+    scenes = ShapesDataset(32, seed=seed, num_items=num_scenes, two_object_prob=0.5)
+    generator = torch.Generator().manual_seed(seed)
+    cosines = defaultdict(list)
+    for i in range(num_scenes):
+        scene = scenes.attributes(i)
+        caption, other = describe(scene), describe(scenes.attributes((i + 1) % num_scenes))
+        kinds = hard_negatives(caption, generator) | {"other": other}
+        pooled = F.normalize(text_encoder(tokenizer([caption, *kinds.values()])).pooled.float(), dim=-1)
+        group = "one object" if scene["relation"] is None else "two objects"
+        for kind, similarity in zip(kinds, (pooled[1:] @ pooled[0]).tolist()):
+            cosines[group, kind].append(similarity)
+    return _group_means(cosines)
 
 
 def compositional_retrieval(scorer: CLIPScorer, num_scenes: int = 600, *, seed: int = PROBE_SEED) -> dict:
@@ -43,7 +65,12 @@ def compositional_retrieval(scorer: CLIPScorer, num_scenes: int = 600, *, seed: 
         for kind, negative in kinds.items():
             false = similarity[i, column[negative]]
             wins[group, kind].append(1.0 if true > false else 0.5 if true == false else 0.0)
-    result = {"num_scenes": num_scenes, "one object": {}, "two objects": {}}
-    for (group, kind), values in sorted(wins.items()):
-        result[group][kind] = sum(values) / len(values)
+    return {"num_scenes": num_scenes, **_group_means(wins)}
+
+
+def _group_means(values: dict) -> dict:
+    """{(group, kind): [numbers]} -> {group: {kind: mean}}."""
+    result = {"one object": {}, "two objects": {}}
+    for (group, kind), numbers in sorted(values.items()):
+        result[group][kind] = sum(numbers) / len(numbers)
     return result
