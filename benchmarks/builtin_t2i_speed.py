@@ -43,10 +43,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from nanodiffusion.pipelines.text_to_image import (
-        BUILTIN_MODELS, GenerationRequest, TextToImage, read_generation_defaults,
-    )
-    folder = BUILTIN_MODELS["builtin"]
+    from nanodiffusion.pipelines.request import GenerationRequest, read_generation_defaults
+    from nanodiffusion.pipelines.text_to_image import TextToImage
+    from nanodiffusion.weights.models import BUILTIN_TEXT_TO_IMAGE
+    folder = BUILTIN_TEXT_TO_IMAGE["builtin"]
     defaults = GenerationRequest(PROMPTS, **read_generation_defaults(folder))   # what generate uses for it
     print(f"{time.strftime('%Y-%m-%d')}: torch {torch.__version__}, {args.threads} threads; built-in model, "
           f"4 prompts, its defaults: sampler {defaults.sampler}, {defaults.num_steps} steps, guidance "

@@ -1,37 +1,39 @@
-"""The `nanodiffusion` command line: one sub-command module per command under nanodiffusion.commands."""
+"""The `nanodiffusion` command line: one sub-command module per command under nanodiffusion.commands.
+
+Only the command being run is imported (with torch and the rest), so `nanodiffusion --help` is quick.
+"""
 
 import argparse
-import importlib
 import sys
 
 from nanodiffusion import __version__
-from nanodiffusion.commands.train import DEFAULT_STAGE
+from nanodiffusion.commands import add_commands
 from nanodiffusion.errors import UserError
 
-COMMANDS = {            # name -> module in nanodiffusion.commands providing `add_arguments(parser)` and `run(args)`
-    "train": "train",
-    "sample": "sample",
-    "export": "export",
-    "forward": "forward",
-    "convert": "convert",
-    "eval": "eval",
-    "generate": "generate",
-    "info": "info",
-    "serve": "serve",
+# name -> (module in nanodiffusion.commands with `add_arguments(parser)` and `run(args)`, one-line help)
+COMMANDS = {
+    "train": ("train", "train a model: ddpm (default), or vae, text-encoder and unet for text-to-image"),
+    "sample": ("sample", "sample images from a DDPM model (the built-in Fashion-MNIST model by default)"),
+    "export": ("export", "export a DDPM training checkpoint as a model file for sampling"),
+    "forward": ("forward", "picture of the forward (noising) process"),
+    "convert": ("convert", "convert SD v1.x weights between a diffusers folder and a single "
+                           ".safetensors/.ckpt file"),
+    "eval": ("eval", "measure a DDPM model: class agreement, Fréchet distance, diversity (or a sampler x "
+                     "steps sweep); or a text-to-image model's prompt adherence"),
+    "generate": ("generate", "generate images from a text prompt (Stable Diffusion v1.x)"),
+    "info": ("info", "print the generation parameters stored in a PNG (A1111 'parameters' and nanodiffusion "
+                     "settings)"),
+    "serve": ("serve", "serve a web page and AUTOMATIC1111's HTTP API for text-to-image"),
 }
+DEFAULT_STAGE = "ddpm"          # `nanodiffusion train --dataset ...` (no stage) trains DDPM, as it always did
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nanodiffusion",
-                                     description="Train and sample diffusion models, from DDPM to Stable Diffusion.")
+def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
+    """The parser, with the arguments of `commands` (None: every command); the others are only listed."""
+    parser = argparse.ArgumentParser(
+        prog="nanodiffusion", description="Train and sample diffusion models, from DDPM to Stable Diffusion.")
     parser.add_argument("--version", action="version", version=f"nanodiffusion {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, module_name in COMMANDS.items():
-        module = importlib.import_module(f"nanodiffusion.commands.{module_name}")
-        command = sub.add_parser(name, help=module.HELP, description=module.__doc__,
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        module.add_arguments(command)
-        command.set_defaults(run=module.run)
+    add_commands(parser, COMMANDS, dest="command", run_key="run", build=commands)
     return parser
 
 
@@ -45,7 +47,10 @@ def with_default_stage(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user mistakes print `error: ...` and exit with status 2, never a stack trace."""
-    args = build_parser().parse_args(with_default_stage(list(sys.argv[1:] if argv is None else argv)))
+    argv = with_default_stage(list(sys.argv[1:] if argv is None else argv))
+    # the first word that is not an option names the command (no top-level option takes a value)
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    args = build_parser({command}).parse_args(argv)
     try:
         args.run(args)
     except UserError as e:

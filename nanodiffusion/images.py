@@ -4,6 +4,7 @@ Every file is written atomically (a temporary file in the same folder, then `os.
 """
 
 import io
+import math
 import os
 import struct
 from collections.abc import Sequence
@@ -107,6 +108,19 @@ def image_grid(images: Sequence[Image.Image], rows: int, cols: int) -> Image.Ima
     for i, image in enumerate(images):
         grid.paste(image, (i % cols * width, i // cols * height))
     return grid
+
+
+def grid_shape(num_images: int, cols: int | None = None) -> tuple[int, int]:
+    """(rows, cols) of a grid for `num_images`: `cols` columns, by default a near-square ceil(sqrt(n))."""
+    cols = cols or math.ceil(math.sqrt(num_images))
+    return math.ceil(num_images / cols), cols
+
+
+def frame_steps(num_steps: int, frames: int) -> set[int]:
+    """The steps (0-based) after which to take `frames` frames of a sampler run, evenly spaced, the last step
+    included; at least one and at most one per step."""
+    frames = max(1, min(frames, num_steps))
+    return {round((j + 1) * num_steps / frames) - 1 for j in range(frames)}
 
 
 def write_png(image: Image.Image, file: BinaryIO, text: dict[str, str] | None = None) -> None:

@@ -121,11 +121,17 @@ class CLIPTokenizer:
         # files in a way that follows no simple rule, so that corner is left out.
         self._backend.add_special_tokens([AddedToken(token, special=True, normalized=False)
                                           for token in dict.fromkeys(specials.values())])
+        # textual inversion (adapters/textual_inversion.py): the first id of a multi-vector token -> all its ids
+        self._expansions: dict[int, list[int]] = {}
 
     @property
     def vocab_size(self) -> int:
         """Number of ids, specials included (49408 for CLIP)."""
         return len(self.vocab)
+
+    def __len__(self) -> int:
+        """Number of ids, added tokens included (vocab_size without textual-inversion tokens)."""
+        return self._backend.get_vocab_size(with_added_tokens=True)
 
     @classmethod
     def from_files(cls, vocab_json: str | Path, merges_txt: str | Path, *,
@@ -136,12 +142,13 @@ class CLIPTokenizer:
         return cls(vocab, merges, model_max_length=model_max_length, **special_tokens)
 
     @classmethod
-    def clip(cls) -> "CLIPTokenizer":
+    def clip(cls, **special_tokens: str) -> "CLIPTokenizer":
         """OpenAI CLIP's own BPE tokenizer (49408 ids, 77 tokens): Stable Diffusion v1.x's, shipped with the
-        package (`builtin/clip_bpe/`, MIT-licensed), so a checkpoint that holds none still has it."""
+        package (`builtin/clip_bpe/`, MIT-licensed), so a checkpoint that holds none still has it.
+        `special_tokens` replace CLIP's (SD 2.x pads with pad_token="!", as open_clip)."""
         vocab = json.loads(gzip.decompress((CLIP_BPE_FOLDER / "vocab.json.gz").read_bytes()))
         text = gzip.decompress((CLIP_BPE_FOLDER / "merges.txt.gz").read_bytes()).decode("utf-8")
-        return cls(vocab, _parse_merges(text, "merges.txt.gz"))
+        return cls(vocab, _parse_merges(text, "merges.txt.gz"), **special_tokens)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> "CLIPTokenizer":
@@ -187,7 +194,7 @@ class CLIPTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` without <|startoftext|>, <|endoftext|> or padding (to chunk long prompts)."""
-        return self._backend.encode(text, add_special_tokens=False).ids
+        return self._expand(self._backend.encode(text, add_special_tokens=False).ids)
 
     def decode(self, ids: list[int]) -> str:
         """Text for token ids: bytes read as UTF-8 (invalid ones become U+FFFD), `</w>` as a space."""
@@ -211,7 +218,7 @@ class CLIPTokenizer:
             raise UserError("no prompts to tokenize")
         rows = []
         for prompt, encoding in zip(prompts, self._backend.encode_batch(prompts, add_special_tokens=False)):
-            ids = encoding.ids
+            ids = self._expand(encoding.ids)
             if len(ids) > max_length - 2:
                 if not truncation:
                     raise UserError(f"prompt is {len(ids) + 2} tokens with start and end, more than "
@@ -224,6 +231,29 @@ class CLIPTokenizer:
         width = max_length if padding == "max_length" else max(len(row) for row in rows)
         padded = [row + [self.pad_token_id] * (width - len(row)) for row in rows]
         return torch.tensor(padded, dtype=torch.long)                    # (B, width)
+
+    def add_tokens(self, token: str, num_vectors: int = 1) -> list[int]:
+        """Add `token` as a new id, and `token_1` ... `token_{n-1}` for an n-vector textual inversion; returns
+        the new ids. In prompts `token` then stands for all n of them, as in diffusers and A1111.
+
+        Like transformers' added tokens, it matches anywhere in the lower-cased text, even inside a word.
+        """
+        names = [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
+        taken = [name for name in names if self._backend.token_to_id(name) is not None]
+        if taken:
+            raise UserError(f"token {taken[0]!r} is already in the tokenizer's vocabulary: name the new token "
+                            "otherwise (token=...)")
+        self._backend.add_tokens([AddedToken(name, normalized=True) for name in names])
+        ids = [self._backend.token_to_id(name) for name in names]
+        if num_vectors > 1:
+            self._expansions[ids[0]] = ids
+        return ids
+
+    def _expand(self, ids: list[int]) -> list[int]:
+        """Multi-vector textual-inversion tokens replaced by all their ids."""
+        if not self._expansions:
+            return ids
+        return [expanded for i in ids for expanded in self._expansions.get(i, (i,))]
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2,

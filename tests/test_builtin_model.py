@@ -3,11 +3,12 @@
 from nanodiffusion.cli import main
 from nanodiffusion.evaluation.classifier import classifier_for_dataset
 from nanodiffusion.evaluation.metrics import class_agreement
-from nanodiffusion.pipelines.ddpm import BUILTIN_MODELS, DDPMPipeline
+from nanodiffusion.pipelines.ddpm import DDPMPipeline
+from nanodiffusion.weights.models import BUILTIN_DDPM
 
 
 def test_builtin_model_is_shipped_small_and_class_conditional():
-    path = BUILTIN_MODELS["fashion-mnist"]
+    path = BUILTIN_DDPM["fashion-mnist"]
     assert path.is_file() and path.stat().st_size <= 20 * 2**20
     pipe = DDPMPipeline.from_pretrained("fashion-mnist")
     assert pipe.num_classes == 10 and pipe.class_names[7] == "Sneaker"

@@ -15,9 +15,11 @@ from nanodiffusion.evaluation.shapes_check import shapes_adherence
 from nanodiffusion.evaluation.text_to_image_eval import (
     class_prompt_list, classifier_view, generate_images, shapes_prompt_list,
 )
-from nanodiffusion.pipelines.text_to_image import BUILTIN_MODELS, TextToImage, read_generation_defaults
+from nanodiffusion.pipelines.request import read_generation_defaults
+from nanodiffusion.pipelines.text_to_image import TextToImage
+from nanodiffusion.weights.models import BUILTIN_TEXT_TO_IMAGE
 
-FOLDER = BUILTIN_MODELS["builtin"]
+FOLDER = BUILTIN_TEXT_TO_IMAGE["builtin"]
 DEFAULTS = read_generation_defaults(FOLDER)            # the settings generate uses for it
 
 

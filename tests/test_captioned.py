@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_fake_mnist
+from fixtures import make_fake_mnist
 from nanodiffusion.data.captioned import CaptionedDataset, load_captioned
 from nanodiffusion.data.captions import class_prompts, prompt_to_class
 from nanodiffusion.data.datasets import load_dataset

@@ -16,8 +16,8 @@ from nanodiffusion.data import download, mnist
 from nanodiffusion.data.datasets import ImageDataset, load_dataset
 from nanodiffusion.data.idx import read_idx, write_idx
 from nanodiffusion.errors import UserError
+from fixtures import SHARED_DATA
 
-SHARED_DATA = Path("/work/shared/data")
 TRAIN_FILES = mnist.SPLIT_FILES["train"]
 
 
@@ -261,7 +261,7 @@ def test_image_dataset_validates_and_moves():
 # --- real data (skipped when absent) -----------------------------------------------------------------------
 
 @pytest.mark.skipif(not (SHARED_DATA / "fashion-mnist" / TRAIN_FILES[0]).is_file(),
-                    reason="real Fashion-MNIST not in /work/shared/data")
+                    reason="real Fashion-MNIST not in ../shared/data")
 def test_real_fashion_mnist():
     dataset = load_dataset("fashion-mnist", data_dir=str(SHARED_DATA))
     assert dataset.images.shape == (60000, 1, 28, 28) and dataset.images.dtype == torch.uint8

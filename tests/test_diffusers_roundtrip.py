@@ -9,7 +9,7 @@ import torch
 from nanodiffusion.nets.sd_unet import TINY_UNET
 from nanodiffusion.nets.vae import TINY_VAE
 from nanodiffusion.weights import SDComponents, load_sd, save_diffusers
-from weights_fixtures import random_components, randomize_, tiny_text_config, tiny_tokenizer
+from fixtures import random_components, randomize_, tiny_text_config, tiny_tokenizer
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")

@@ -20,21 +20,21 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import make_fake_mnist
+from fixtures import make_fake_mnist
 from nanodiffusion.data.captioned import load_captioned
 from nanodiffusion.data.datasets import load_dataset
 from nanodiffusion.diffusion.schedules import ScheduleConfig
-from nanodiffusion.evaluation.clip_score import MiniCLIPConfig
 from nanodiffusion.nets.clip_text import TINY_TEXT
 from nanodiffusion.nets.ddpm_unet import TINY_UNET as TINY_DDPM_UNET
+from nanodiffusion.nets.mini_clip import MiniCLIPConfig
 from nanodiffusion.nets.sd_unet import TINY_UNET
 from nanodiffusion.nets.vae import TINY_VAE, AutoencoderKL
-from nanodiffusion.training import checkpoint
 from nanodiffusion.training.captions import caption_tokenizer, new_text_encoder, text_config_for
 from nanodiffusion.training.clip_trainer import TextEncoderTrainConfig, TextEncoderTrainer
 from nanodiffusion.training.ddpm_trainer import DDPMTrainer, TrainConfig
 from nanodiffusion.training.latent_trainer import LatentTrainConfig, LatentTrainer
 from nanodiffusion.training.vae_trainer import VAETrainConfig, VAETrainer
+from nanodiffusion.weights import checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -1,8 +1,10 @@
-"""The diffusion side of img2img and inpainting (diffusion/editing.py) on closed-form cases."""
+"""The diffusion side of img2img and inpainting (sampling_plan.img2img_sigmas, denoisers.inpainting_denoiser)
+on closed-form cases."""
 
 import torch
 
-from nanodiffusion.diffusion.editing import img2img_sigmas, inpainting_denoiser
+from nanodiffusion.diffusion.denoisers import inpainting_denoiser
+from nanodiffusion.diffusion.sampling_plan import img2img_sigmas
 
 
 def test_img2img_runs_the_last_strength_fraction_of_the_steps():

@@ -11,7 +11,7 @@ from nanodiffusion.pipelines.text_to_image import TextToImage
 from nanodiffusion.weights import file_pages, save_diffusers
 from nanodiffusion.weights.components import SDComponents
 from nanodiffusion.weights.safe_load import read_safetensors
-from tiny_sd import tiny_ours
+from fixtures import tiny_ours
 
 MIB = 2**20
 

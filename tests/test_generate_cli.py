@@ -11,9 +11,9 @@ from PIL import Image, ImageSequence
 from nanodiffusion import __version__
 from nanodiffusion.cli import main
 from nanodiffusion.commands import generate
-from nanodiffusion.images import read_png_text, save_png
+from nanodiffusion.images import frame_steps, read_png_text, save_png
 from nanodiffusion.weights import SDComponents, save_diffusers
-from tiny_sd import tiny_ours
+from fixtures import tiny_ours
 
 FAST = ["--steps", "4", "--size", "32x32"]
 
@@ -103,7 +103,7 @@ def test_gif_animates_x0_previews(model, tmp_path):
     with Image.open(gif) as animation:
         frames = [np.asarray(frame.convert("RGB")) for frame in ImageSequence.Iterator(animation)]
     assert len(frames) == 4 and frames[0].shape == (32, 32, 3)          # 3 previews, then the image
-    assert generate.preview_steps(6, 3) == {1, 3, 5}
+    assert frame_steps(6, 3) == {1, 3, 5}
 
 
 def test_info_prints_the_parameters(model, tmp_path, capsys):
@@ -119,9 +119,9 @@ def test_info_prints_the_parameters(model, tmp_path, capsys):
 
 
 def test_default_model_is_the_builtin_one_with_a_clear_error_if_it_is_missing(capsys, tmp_path, monkeypatch):
-    from nanodiffusion.pipelines.text_to_image import BUILTIN_MODELS
-    assert generate.DEFAULT_MODEL == "builtin" and BUILTIN_MODELS["builtin"].is_dir()
-    monkeypatch.setitem(BUILTIN_MODELS, "builtin", tmp_path / "not-installed")
+    from nanodiffusion.weights.models import BUILTIN_TEXT_TO_IMAGE, DEFAULT_TEXT_TO_IMAGE
+    assert DEFAULT_TEXT_TO_IMAGE == "builtin" and BUILTIN_TEXT_TO_IMAGE["builtin"].is_dir()
+    monkeypatch.setitem(BUILTIN_TEXT_TO_IMAGE, "builtin", tmp_path / "not-installed")
     err = cli_error(capsys, "generate", "a cat", "--out", tmp_path / "x.png")
     assert "error: the built-in text-to-image model ('builtin') is not shipped yet (or was removed)" in err
 

@@ -9,8 +9,9 @@ from nanodiffusion.cli import main
 from nanodiffusion.errors import UserError
 from nanodiffusion.images import read_png_text
 from nanodiffusion.pipelines.metadata import SETTINGS_KEY
-from nanodiffusion.pipelines.text_to_image import GENERATION_DEFAULTS_FILE, TextToImage
-from tiny_sd import save_tiny_diffusers
+from nanodiffusion.pipelines.request import GENERATION_DEFAULTS_FILE
+from nanodiffusion.pipelines.text_to_image import TextToImage
+from fixtures import save_tiny_diffusers
 
 DEFAULTS = {"num_steps": 3, "guidance_scale": 2.5, "sampler": "ddim"}
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_fake_mnist
+from fixtures import make_fake_mnist
 from nanodiffusion.cli import main
 from nanodiffusion.data.captioned import load_captioned
 from nanodiffusion.diffusion.schedules import ScheduleConfig

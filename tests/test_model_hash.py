@@ -4,7 +4,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from nanodiffusion.pipelines.metadata import hash_cache_path, model_hash
+from nanodiffusion.weights.models import hash_cache_path, model_hash
 
 
 def test_model_hash_is_the_sha256_prefix_and_is_remembered_per_file_state(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from nanodiffusion.pipelines.text_to_image import TextToImage
-from tiny_sd import save_tiny_diffusers
+from fixtures import save_tiny_diffusers
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")

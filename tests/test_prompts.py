@@ -8,7 +8,7 @@ from nanodiffusion.nets.clip_text import TINY_TEXT, CLIPTextModel
 from nanodiffusion.pipelines.prompts import (
     BREAK, apply_emphasis, count_chunks, encode_prompts, parse_prompt_attention, tokenize_prompt,
 )
-from tiny_sd import randomize_, write_clip_tokenizer
+from fixtures import randomize_, write_clip_tokenizer
 from nanodiffusion.tokenizer import CLIPTokenizer
 
 BOS, EOS, COMMA, CAT = 49406, 49407, 267, 2368      # CLIP ids: <|startoftext|>, <|endoftext|>, ",", "cat"

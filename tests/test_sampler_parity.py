@@ -10,9 +10,12 @@ import inspect
 import pytest
 import torch
 
-from nanodiffusion.diffusion.denoisers import Denoiser
-from nanodiffusion.diffusion.samplers import SAMPLERS, lcm_boundary_condition
-from nanodiffusion.diffusion.sampling_plan import final_latent, initial_noise_scale, make_sigmas
+from nanodiffusion.diffusion.denoisers import Denoiser, lcm_boundary_condition
+from nanodiffusion.diffusion.sampler_options import schedule_inputs
+from nanodiffusion.diffusion.samplers import SAMPLERS
+from nanodiffusion.diffusion.sampling_plan import (
+    SchedulerSettings, final_latent, initial_noise_scale, make_sigmas,
+)
 from nanodiffusion.diffusion.schedules import ScheduleConfig, alphas_cumprod_to_sigmas, get_alphas_cumprod
 
 diffusers = pytest.importorskip("diffusers")
@@ -75,7 +78,9 @@ def run_ours(name, num_steps, plan, options, quantize=None, seed=0):
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(SHAPE, generator=generator)
     x = x * initial_noise_scale(name, sigmas, spacing=plan.get("spacing"))
-    x = SAMPLERS[name](model, x, sigmas, generator=generator, **options)
+    function = SAMPLERS[name].function
+    x = function(model, x, sigmas, generator=generator, **options,
+                 **schedule_inputs(function, alphas_cumprod))
     return final_latent(name, x, sigmas), net.timesteps
 
 
@@ -118,6 +123,8 @@ CASES = [
     ("dpmpp_2m", "DPMSolverMultistepScheduler", {"final_sigmas_type": "sigma_min"}, 20,
      {"final_sigma": "sigma_min"}, {}),
     ("dpmpp_2m_sde", "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, 20, {}, {}),
+    ("dpmpp_2m_sde_heun", "DPMSolverMultistepScheduler",
+     {"algorithm_type": "sde-dpmsolver++", "solver_type": "heun"}, 20, {}, {}),
     ("unipc", "UniPCMultistepScheduler", {}, 20, {}, {}),
     ("unipc", "UniPCMultistepScheduler", {}, 5, {}, {}),
     ("unipc", "UniPCMultistepScheduler", {"solver_order": 3}, 20, {}, {"order": 3}),
@@ -126,6 +133,10 @@ CASES = [
      {"final_sigma": "sigma_min"}, {"variant": "bh1"}),
     ("lcm", "LCMScheduler", {}, 4, {}, {}),
     ("lcm", "LCMScheduler", {}, 8, {}, {}),
+    ("tcd", "TCDScheduler", {}, 4, {}, {"eta": 0.3}),            # TCD's recommended gamma
+    ("tcd", "TCDScheduler", {}, 8, {}, {"eta": 0.3}),
+    ("tcd", "TCDScheduler", {}, 4, {}, {"eta": 0.0}),            # diffusers' pipelines pass eta = 0
+    ("tcd", "TCDScheduler", {}, 6, {}, {"eta": 1.0}),
 ]
 
 # Karras grids where diffusers feeds the network round(t(sigma)) while stepping with the unrounded sigma
@@ -190,7 +201,7 @@ def test_dpm_solver_exponential_grid_matches_up_to_the_truncated_timesteps():
 
 @pytest.mark.parametrize("name, scheduler_class, config", [
     ("ddim", "DDIMScheduler", {}), ("plms", "PNDMScheduler", {}), ("lcm", "LCMScheduler", {}),
-    ("euler", "EulerDiscreteScheduler", {}),
+    ("tcd", "TCDScheduler", {}), ("euler", "EulerDiscreteScheduler", {}),
     ("euler", "EulerDiscreteScheduler", {"timestep_spacing": "leading"}),
     ("dpmpp_2m", "DPMSolverMultistepScheduler", {}), ("unipc", "UniPCMultistepScheduler", {}),
 ])
@@ -200,7 +211,7 @@ def test_grid_and_initial_noise_match_the_scheduler(name, scheduler_class, confi
     plan = {"spacing": config["timestep_spacing"]} if config else {}
     alphas_cumprod = get_alphas_cumprod(ScheduleConfig("scaled_linear"))
     sigmas = make_sigmas(name, 10, alphas_cumprod, **plan)
-    if name in ("ddim", "plms", "lcm"):           # these keep no sigmas: compare at their (unique) timesteps
+    if name in ("ddim", "plms", "lcm", "tcd"):    # these keep no sigmas: compare at their (unique) timesteps
         table = alphas_cumprod_to_sigmas(alphas_cumprod)
         torch.testing.assert_close(sigmas[:-1], table[scheduler.timesteps.unique_consecutive()])
     else:
@@ -209,3 +220,15 @@ def test_grid_and_initial_noise_match_the_scheduler(name, scheduler_class, confi
     vp_style = float(scheduler.init_noise_sigma) == 1.0
     expected = (1 + sigmas[0] ** 2) ** 0.5 if vp_style else float(scheduler.init_noise_sigma)
     assert initial_noise_scale(name, sigmas, **plan) == pytest.approx(float(expected), rel=1e-6)
+
+
+@pytest.mark.parametrize("name, scheduler_class", [("lcm", "LCMScheduler"), ("tcd", "TCDScheduler")])
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+def test_lcm_and_tcd_ignore_the_timestep_spacing_a_model_folder_sets(name, scheduler_class, spacing):
+    """Every standard SD folder sets timestep_spacing; LCM/TCDScheduler ignore it, and so do we (issue 18)."""
+    config = {**SD15_SCHEDULER_CONFIG, "timestep_spacing": spacing}
+    scheduler = getattr(diffusers, scheduler_class).from_config(config)
+    scheduler.set_timesteps(4)
+    sigmas = SchedulerSettings.from_diffusers_config(config).sigmas(name, 4)
+    table = alphas_cumprod_to_sigmas(get_alphas_cumprod(ScheduleConfig("scaled_linear")))
+    torch.testing.assert_close(sigmas[:-1], table[scheduler.timesteps])

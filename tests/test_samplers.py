@@ -4,31 +4,22 @@ import numpy as np
 import pytest
 import torch
 
-from nanodiffusion.diffusion.guidance import cfg_denoiser
-from nanodiffusion.diffusion.samplers import (
-    SAMPLERS, get_sampler, sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_euler,
-    sample_heun, sample_lcm,
-)
+from nanodiffusion.diffusion.denoisers import cfg_denoiser
+from nanodiffusion.diffusion.sampler_options import schedule_inputs
+from nanodiffusion.diffusion.samplers import SAMPLERS, get_sampler, resolve_sampler
+from nanodiffusion.diffusion.samplers_dpmpp import sample_dpmpp_2m, sample_dpmpp_2m_sde
 from nanodiffusion.diffusion.samplers_multistep import lms_coefficient
-from nanodiffusion.diffusion.sampling_plan import GRIDS, final_latent, initial_noise_scale, make_sigmas
+from nanodiffusion.diffusion.samplers_onestep import (
+    sample_ddim, sample_ddpm, sample_euler, sample_heun, sample_lcm,
+)
+from nanodiffusion.diffusion.sampling_plan import final_latent, initial_noise_scale, make_sigmas
 from nanodiffusion.diffusion.schedules import (
     ScheduleConfig, alphas_cumprod_to_sigmas, get_alphas_cumprod, get_sigmas_from_timesteps, get_sigmas_karras,
     get_timesteps,
 )
 from nanodiffusion.errors import UserError
 
-MU, S = 0.3, 0.5
-
-
-def gaussian_denoiser(x, sigma):
-    """The optimal denoiser E[x0 | x] for x0 ~ N(MU, S²) and x = x0 + sigma·eps."""
-    sigma = torch.as_tensor(sigma, dtype=x.dtype)
-    return MU + (x - MU) * S**2 / (S**2 + sigma**2)
-
-
-def start(n, sigma_max, seed=0):
-    noise = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-    return noise, MU + noise * (S**2 + sigma_max**2) ** 0.5
+from gaussian_data import MU, S, gaussian_consistency, gaussian_denoiser, start
 
 
 @pytest.mark.parametrize("sampler, order", [(sample_euler, 1), (sample_heun, 2), (sample_dpmpp_2m, 2),
@@ -58,7 +49,8 @@ def test_higher_order_samplers_converge_at_their_order_before_the_last_jump(name
     errors = []
     for n in (80, 160):                  # past the warm-up steps of the multistep methods
         sigmas = get_sigmas_karras(n, sigma_min, sigma_max)[:-1]
-        errors.append((SAMPLERS[name](gaussian_denoiser, x_T, sigmas, **options) - exact).abs().max())
+        x = SAMPLERS[name].function(gaussian_denoiser, x_T, sigmas, **options)
+        errors.append((x - exact).abs().max())
     assert errors[1] < 5e-3
     assert errors[0] / errors[1] > 0.85 * 2**order
 
@@ -103,14 +95,9 @@ def test_stochastic_samplers_end_with_the_data_distribution(name, options):
     sigmas = _discrete_sigmas("linear", 1000)       # the tutorial's full 1000-step reverse process
     _, x_T = start(40_000, float(sigmas[0]))
     g = torch.Generator().manual_seed(1)
-    x = SAMPLERS[name](gaussian_denoiser, x_T, sigmas, generator=g, **options)
+    x = SAMPLERS[name].function(gaussian_denoiser, x_T, sigmas, generator=g, **options)
     assert x.mean().item() == pytest.approx(MU, abs=0.01)
     assert x.std().item() == pytest.approx(S, rel=0.02)
-
-
-def gaussian_consistency(x, sigma):
-    """The exact consistency function of N(MU, S²) data: the probability-flow ODE solution at sigma = 0."""
-    return MU + (x - MU) * S / (S**2 + torch.as_tensor(sigma, dtype=x.dtype) ** 2) ** 0.5
 
 
 @pytest.mark.parametrize("steps", [1, 4])
@@ -141,13 +128,15 @@ def test_ddim_eta1_equals_ddpm_posterior_variance():
 
 @pytest.mark.parametrize("name", list(SAMPLERS))
 def test_every_sampler_is_reproducible_keeps_shapes_and_reports_every_step(name):
-    sigmas = make_sigmas(name, 6, get_alphas_cumprod(ScheduleConfig("scaled_linear")))
+    sigmas = make_sigmas(name, 6, SD_ALPHAS_CUMPROD)
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     x_T = noise * initial_noise_scale(name, sigmas)
     seen = []
-    a = SAMPLERS[name](gaussian_denoiser, x_T, sigmas, generator=torch.Generator().manual_seed(7),
-                       callback=lambda i, x, d: seen.append((i, x.shape, d.shape)))
-    b = SAMPLERS[name](gaussian_denoiser, x_T, sigmas, generator=torch.Generator().manual_seed(7))
+    function = SAMPLERS[name].function
+    inputs = schedule_inputs(function, SD_ALPHAS_CUMPROD)                             # TCD's timesteps
+    a = function(gaussian_denoiser, x_T, sigmas, generator=torch.Generator().manual_seed(7),
+                 callback=lambda i, x, d: seen.append((i, x.shape, d.shape)), **inputs)
+    b = function(gaussian_denoiser, x_T, sigmas, generator=torch.Generator().manual_seed(7), **inputs)
     assert torch.equal(a, b) and a.shape == x_T.shape and a.dtype == x_T.dtype and torch.isfinite(a).all()
     assert seen == [(i, x_T.shape, x_T.shape) for i in range(6)]
 
@@ -184,8 +173,12 @@ SD_ALPHAS_CUMPROD = get_alphas_cumprod(ScheduleConfig("scaled_linear"))
 SD_SIGMAS = alphas_cumprod_to_sigmas(SD_ALPHAS_CUMPROD)
 
 
-def test_every_sampler_has_a_grid_rule():
-    assert set(GRIDS) == set(SAMPLERS) and len(SAMPLERS) >= 12
+def test_every_name_of_a_sampler_resolves_to_it():
+    assert len(SAMPLERS) >= 12
+    for name, sampler in SAMPLERS.items():
+        assert sampler.grid.family in ("discrete", "k", "multistep", "lcm")
+        assert {resolve_sampler(alias) for alias in (name, sampler.a1111, *sampler.aliases)} == {name}
+        assert get_sampler(sampler.a1111) is sampler.function
 
 
 def test_spacings_round_like_diffusers_numpy_formulas_for_every_step_count():

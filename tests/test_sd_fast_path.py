@@ -12,7 +12,7 @@ from nanodiffusion.nets.sd_blocks import Upsample, attention, nearest_upsampling
 from nanodiffusion.nets.sd_unet import TINY_UNET, SDUNet
 from nanodiffusion.nets.vae import TINY_VAE, AutoencoderKL, VAEConfig
 from nanodiffusion.nets.vae_tiling import decode_sliced, decode_tiled, tile_spans
-from tiny_sd import randomize_, tiny_ours
+from fixtures import randomize_, tiny_ours
 
 # bf16 keeps 8 significant bits: a tiny UNet's eps stays within 3% of its largest value, and a decoded image
 # within the PSNR the SD v1.5 benchmark asks of the bf16 path (35 dB on the [0, 1] scale).
@@ -99,6 +99,23 @@ def test_cached_upsampling_kernel_follows_weight_changes():
         assert torch.allclose(upsample(x, (8, 8)), reference(x, (8, 8)), atol=1e-5)
         upsample.to(torch.bfloat16)                                    # a new tensor of another dtype
         assert torch.allclose(upsample(x.bfloat16(), (8, 8)).float(), reference(x, (8, 8)), atol=0.05)
+
+
+def test_cached_upsampling_kernel_follows_swapped_weights():
+    """A weight swapped for a new tensor (as LoRAs do) may get a freed weight's id and memory: no stale kernel.
+
+    The reuse is up to Python's and the allocator's free lists, so it is provoked many times over."""
+    torch.manual_seed(0)
+    upsample, reference = Upsample(4).eval(), blocks.Upsample(4)
+    x = torch.randn(1, 4, 4, 4)
+    with torch.no_grad():
+        for _ in range(300):
+            upsample.conv.weight = torch.nn.Parameter(torch.randn(4, 4, 3, 3))
+            upsample(x, (8, 8))                                        # caches the kernel of this weight
+            del upsample.conv.weight                                   # frees it: its id and memory are free
+            upsample.conv.weight = torch.nn.Parameter(torch.randn(4, 4, 3, 3))
+            reference.load_state_dict(upsample.state_dict())
+            assert torch.allclose(upsample(x, (8, 8)), reference(x, (8, 8)), atol=1e-5)
 
 
 def test_in_place_inference_matches_autograd_forward():

@@ -5,15 +5,11 @@ for timing.
 """
 
 import argparse
-import base64
 import io
 import json
 import subprocess
 import sys
 import threading
-import time
-from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,17 +21,17 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from nanodiffusion import __version__  # noqa: E402
 from nanodiffusion.cli import COMMANDS  # noqa: E402
-from nanodiffusion.commands import generate, serve  # noqa: E402
+from nanodiffusion.commands import serve  # noqa: E402
 from nanodiffusion.errors import UserError  # noqa: E402
 from nanodiffusion.pipelines.metadata import read_settings  # noqa: E402
-from nanodiffusion.pipelines.text_to_image import GenerationRequest, TextToImageOutput  # noqa: E402
+from nanodiffusion.pipelines.request import GenerationRequest  # noqa: E402
 from nanodiffusion.server.app import create_app  # noqa: E402
-from nanodiffusion.server.generation import ServedModel  # noqa: E402
-from tiny_sd import tiny_ours  # noqa: E402
+from nanodiffusion.server.service import ServerSettings  # noqa: E402
+from nanodiffusion.weights.models import BUILTIN_TEXT_TO_IMAGE  # noqa: E402
+from fixtures import tiny_ours  # noqa: E402
+from server_fakes import MODEL, WAIT, FakePipe, png, wait_until  # noqa: E402
 
-MODEL = ServedModel("tiny-sd", Path("tiny-sd"), "0123456789", "fp32", "cpu")
 FAST = {"steps": 2, "width": 16, "height": 16}           # the tiny VAE halves: 8x8 latents
-WAIT = 10.0                                               # seconds before a test gives up on an event
 
 
 @pytest.fixture(scope="module")
@@ -47,52 +43,8 @@ def pipe():
 
 @pytest.fixture(scope="module")
 def client(pipe):
-    with TestClient(create_app(pipe, MODEL, queue_size=4)) as client:
+    with TestClient(create_app(pipe, MODEL, ServerSettings(queue_size=4))) as client:
         yield client
-
-
-def png(b64: str) -> Image.Image:
-    image = Image.open(io.BytesIO(base64.b64decode(b64)))
-    image.load()
-    return image
-
-
-class FakePipe:
-    """A pipeline whose steps take `step_seconds`, or, with `gated=True`, each wait for a permit the test
-    hands out with `allow(n)`; it fails on prompts that start with "fail"."""
-
-    native_size = 16
-
-    def __init__(self, step_seconds: float = 0.0, gated: bool = False):
-        self.step_seconds, self.gated = step_seconds, gated
-        self.permits = threading.Semaphore(0)
-        self.running = threading.Event()
-
-    def sigmas(self, sampler: str, num_steps: int, sigma_schedule: str):
-        return None
-
-    def allow(self, steps: int) -> None:
-        for _ in range(steps):
-            self.permits.release()
-
-    def generate(self, request: GenerationRequest, callback=None) -> TextToImageOutput:
-        if request.prompt.startswith("fail"):
-            raise RuntimeError("the fake pipeline fails on purpose")
-        self.running.set()
-        for i in range(request.num_steps):
-            if self.gated:
-                assert self.permits.acquire(timeout=WAIT), "the test handed out too few steps"
-            time.sleep(self.step_seconds)
-            callback(i, None, None)
-        done = replace(request, height=request.height or 16, width=request.width or 16)
-        return TextToImageOutput([Image.new("RGB", (done.width, done.height), (200, 10, 10))], done)
-
-
-def wait_until(condition, timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 def test_txt2img_returns_pngs_with_generate_metadata_that_replay_alone(client, pipe):
@@ -132,7 +84,8 @@ def test_a1111_sampler_names_with_a_schedule(client):
 
 def test_every_listed_sampler_runs(client):
     names = [sampler["name"] for sampler in client.get("/sdapi/v1/samplers").json()]
-    assert {"Euler a", "DPM++ 2M", "DDIM", "PLMS", "UniPC"} <= set(names) and len(names) == 13
+    assert {"Euler a", "DPM++ 2M", "DDIM", "PLMS", "UniPC", "DPM++ SDE", "Restart", "TCD"} <= set(names)
+    assert len(names) == 19
     for name in names:
         answer = client.post("/sdapi/v1/txt2img", json={"prompt": "a cat", "sampler_name": name, **FAST})
         assert answer.status_code == 200, (name, answer.text)
@@ -154,14 +107,14 @@ def test_any_unicode_prompt_round_trips_into_the_png(client, prompt):
 @pytest.mark.parametrize("change, field", [
     ({"steps": 0}, "steps"), ({"steps": 151}, "steps"), ({"steps": "20"}, "steps"), ({"steps": 2.5}, "steps"),
     ({"cfg_scale": -1}, "cfg_scale"), ({"cfg_scale": "high"}, "cfg_scale"), ({"width": 20}, "width"),
-    ({"height": 4096}, "height"), ({"width": 0}, "width"), ({"batch_size": 5}, "batch_size"),
+    ({"height": 4096}, "height"), ({"width": 0}, "width"), ({"batch_size": 9}, "batch_size"),
     ({"batch_size": 0}, "batch_size"), ({"n_iter": 9}, "n_iter"), ({"seed": -2}, "seed"),
     ({"seed": 2**32}, "seed"), ({"prompt": 7}, "prompt"), ({"prompt": "x" * 10_001}, "prompt"),
     ({"prompt": "a\x00b"}, "prompt"), ({"sampler_name": "Eulerr"}, "sampler_name"),
-    ({"scheduler": "Uniform"}, "scheduler"), ({"step": 20}, "step"),
+    ({"scheduler": "Polyexponential"}, "scheduler"), ({"step": 20}, "step"),
     ({"override_settings": {"CLIP_stop_at_last_layers": "2"}}, "CLIP_stop_at_last_layers"),
     ({"sampler_name": "Euler Karras", "scheduler": "Exponential"}, "scheduler"),
-    ({"sampler_name": "LCM", "scheduler": "Karras"}, "lcm walks its own distillation timesteps"),
+    ({"sampler_name": "DPM fast"}, "sampler_name"),
 ])
 def test_bad_fields_are_422_naming_the_field(client, change, field):
     for url in ("/sdapi/v1/txt2img", "/api/jobs"):
@@ -206,13 +159,13 @@ def test_listing_endpoints_and_openapi(client):
     samplers = client.get("/sdapi/v1/samplers").json()
     euler_a = next(s for s in samplers if s["name"] == "Euler a")
     assert "euler_ancestral" in euler_a["aliases"] and "euler_a" in euler_a["aliases"]
-    assert [s["label"] for s in client.get("/sdapi/v1/schedulers").json()] == ["Automatic", "Karras",
-                                                                                "Exponential"]
+    labels = [s["label"] for s in client.get("/sdapi/v1/schedulers").json()]
+    assert labels[:3] == ["Automatic", "Karras", "Exponential"] and len(labels) == 10
     [model] = client.get("/sdapi/v1/sd-models").json()
     assert model["title"] == "tiny-sd [0123456789]" and model["hash"] == "0123456789"
     assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == model["title"]
     info = client.get("/api/info").json()
-    assert info["native_size"] == 16 and info["max_images"] == 4
+    assert info["native_size"] == 16 and info["max_images"] == 8
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/sdapi/v1/txt2img", "/sdapi/v1/progress", "/sdapi/v1/interrupt", "/api/jobs"} <= set(paths)
     page = client.get("/")
@@ -239,7 +192,7 @@ def test_job_api_progress_and_png_download(client):
 
 def test_progress_and_cancel_answer_while_a_job_runs():
     fake = FakePipe(gated=True)
-    with TestClient(create_app(fake, MODEL, queue_size=2)) as client:
+    with TestClient(create_app(fake, MODEL, ServerSettings(queue_size=2))) as client:
         running = client.post("/api/jobs", json={"prompt": "slow", "steps": 4}).json()["id"]
         waiting = client.post("/api/jobs", json={"prompt": "next", "steps": 1}).json()["id"]
         fake.allow(1)                                     # the job then waits inside its second step
@@ -259,7 +212,7 @@ def test_progress_and_cancel_answer_while_a_job_runs():
 
 def test_a_waiting_job_is_cancelled_at_once():
     fake = FakePipe(gated=True)
-    with TestClient(create_app(fake, MODEL, queue_size=2)) as client:
+    with TestClient(create_app(fake, MODEL, ServerSettings(queue_size=2))) as client:
         client.post("/api/jobs", json={"prompt": "slow", "steps": 1})
         waiting = client.post("/api/jobs", json={"prompt": "next", "steps": 1}).json()["id"]
         assert client.delete(f"/api/jobs/{waiting}").json()["state"] == "cancelled"
@@ -296,7 +249,7 @@ def test_a_failing_job_is_a_500_and_the_worker_goes_on():
 
 def test_a_full_queue_answers_429_with_retry_after():
     fake = FakePipe(gated=True)
-    with TestClient(create_app(fake, MODEL, queue_size=1)) as client:
+    with TestClient(create_app(fake, MODEL, ServerSettings(queue_size=1))) as client:
         first = client.post("/api/jobs", json={"prompt": "slow", "steps": 1})
         assert fake.running.wait(WAIT)                                   # running: the queue is empty
         second = client.post("/api/jobs", json={"prompt": "waits", "steps": 1})
@@ -317,12 +270,12 @@ def serve_command(*argv: str) -> None:
 
 
 def test_serve_needs_fastapi_and_a_model(monkeypatch, tmp_path):
-    assert COMMANDS["serve"] == "serve"
+    assert COMMANDS["serve"][0] == "serve"
     with monkeypatch.context() as patch:
         patch.setitem(sys.modules, "uvicorn", None)                     # as if it were not installed
         with pytest.raises(UserError, match=r"pip install 'nanodiffusion\[serve\]'"):
             serve_command("--model", str(tmp_path))
-    monkeypatch.setitem(generate.BUILTIN_MODELS, "builtin", tmp_path / "not-shipped")
+    monkeypatch.setitem(BUILTIN_TEXT_TO_IMAGE, "builtin", tmp_path / "not-shipped")
     with pytest.raises(UserError, match=r"not shipped yet \(or was removed\): pass --model"):
         serve_command()
     with pytest.raises(UserError, match="no such model file or folder"):
@@ -336,3 +289,19 @@ def test_the_package_and_other_commands_work_without_fastapi():
             "from nanodiffusion.cli import build_parser; build_parser().parse_args(['info', 'x.png'])\n"
             "import nanodiffusion.commands.serve")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_large_images_are_decoded_in_tiles_that_the_png_records(client, pipe, monkeypatch):
+    from nanodiffusion.server import generation
+    monkeypatch.setattr(generation, "VAE_TILE", 32)                # latent pixels; the tiny VAE halves
+    answer = client.post("/sdapi/v1/txt2img", json={"prompt": "a wide one", "steps": 2, "width": 80,
+                                                     "height": 16, "seed": 4})
+    image = png(answer.json()["images"][0])
+    settings = read_settings(image.text, "answer")
+    assert settings["vae_tile"] == 32
+    pipe.vae_tile_size = 32
+    try:
+        expected = pipe.generate(GenerationRequest.from_dict(settings["request"])).images[0]
+    finally:
+        pipe.vae_tile_size = None
+    assert np.array_equal(np.asarray(expected), np.asarray(image.convert("RGB")))

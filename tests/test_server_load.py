@@ -6,11 +6,6 @@ Retry-After), none lost or hung; progress answers meanwhile; the server is alive
 import concurrent.futures
 import http.client
 import json
-import os
-import queue
-import re
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -21,53 +16,20 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from nanodiffusion.weights import SDComponents, save_diffusers  # noqa: E402
-from tiny_sd import tiny_ours  # noqa: E402
+from server_fakes import save_tiny_model, serve_process  # noqa: E402
 
 NUM_REQUESTS = 60
 QUEUE_SIZE = 4
 REQUEST_TIMEOUT = 30.0
-STARTUP_TIMEOUT = 90.0
 BODY = {"prompt": "a photo of a cat", "steps": 2, "width": 16, "height": 16, "sampler_name": "Euler"}
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """The base URL of a `nanodiffusion serve` process on a free port; the process is killed at the end."""
-    pipe = tiny_ours()
-    folder = tmp_path_factory.mktemp("models") / "tiny-sd"
-    save_diffusers(SDComponents(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer,
-                                pipe.scheduler_config), folder)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "nanodiffusion", "serve", "--model", str(folder), "--host", "127.0.0.1",
-         "--port", "0", "--queue-size", str(QUEUE_SIZE), "--device", "cpu"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    lines = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{_wait_for_port(process, lines)}", process
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
-
-
-def _wait_for_port(process, lines: queue.Queue) -> int:
-    deadline, seen = time.monotonic() + STARTUP_TIMEOUT, []
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            line = lines.get(timeout=0.5)
-        except queue.Empty:
-            continue
-        seen.append(line)
-        found = re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", line)
-        if found:
-            return int(found.group(1))
-    pytest.fail("the server did not start:\n" + "".join(seen))
+    folder = save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd")
+    with serve_process("--model", str(folder), "--queue-size", str(QUEUE_SIZE)) as running:
+        yield running
 
 
 def post(url: str, body: dict) -> tuple[int, float, dict, object]:

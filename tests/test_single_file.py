@@ -16,8 +16,8 @@ from nanodiffusion.weights import load_sd, save_diffusers, save_single_file
 from nanodiffusion.weights.components import SDComponents, build_on_meta, expected_shapes
 from nanodiffusion.weights.original_keys import rename_table
 from nanodiffusion.weights.single_file import infer_unet_config, infer_vae_config, to_original
-from tiny_sd import tiny_ours
-from weights_fixtures import assert_same_weights, random_components, tiny_text_config, tiny_tokenizer
+from fixtures import tiny_ours
+from fixtures import assert_same_weights, random_components, tiny_text_config, tiny_tokenizer
 
 # Layouts beyond TINY_UNET: three levels, attention at the first two and not the last (as SD), one resnet per
 # level, two transformer blocks; and one with attention everywhere and linear projections.
@@ -172,7 +172,7 @@ def test_convert_cli_half_precision_and_errors(tmp_path, capsys):
         ([str(tmp_path / "one.safetensors"), str(tmp_path / "folder")], "no tokenizer"),
         ([str(tmp_path / "one.safetensors"), str(tmp_path / "x.safetensors"), "--to", "diffusers"],
          "disagrees"),
-        ([str(tmp_path / "missing.safetensors"), str(tmp_path / "y.safetensors")], "no such file"),
+        ([str(tmp_path / "missing.safetensors"), str(tmp_path / "y.safetensors")], "no such model file"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             main(["convert", *argv])

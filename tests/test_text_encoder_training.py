@@ -8,11 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_fake_mnist
+from fixtures import make_fake_mnist
 from nanodiffusion.cli import main
 from nanodiffusion.data.captioned import load_captioned
-from nanodiffusion.evaluation.clip_score import CLIPScorer, MiniCLIPConfig
+from nanodiffusion.evaluation.clip_score import CLIPScorer
 from nanodiffusion.nets.clip_text import TINY_TEXT
+from nanodiffusion.nets.mini_clip import MiniCLIPConfig
 from nanodiffusion.tokenizer import CLIPTokenizer
 from nanodiffusion.training.captions import all_captions, caption_tokenizer, text_config_for
 from nanodiffusion.training.clip_trainer import TextEncoderTrainConfig, TextEncoderTrainer, contrastive_loss

@@ -7,13 +7,15 @@ import pytest
 import torch
 from PIL import Image
 
+import nanodiffusion
+from nanodiffusion.diffusion.samplers import resolve_sampler
 from nanodiffusion.diffusion.schedules import sigma_to_t
 from nanodiffusion.errors import UserError
 from nanodiffusion.images import to_pil
-from nanodiffusion.pipelines import text_to_image
-from nanodiffusion.pipelines.text_to_image import GenerationRequest, TextToImage, resolve_sampler
+from nanodiffusion.pipelines.request import GenerationRequest
+from nanodiffusion.pipelines.text_to_image import TextToImage
 from nanodiffusion.weights import SDComponents, save_diffusers
-from tiny_sd import tiny_ours
+from fixtures import tiny_ours
 
 SIZE = dict(height=32, width=32)        # latents 16x16: the tiny VAE downsamples 2x
 
@@ -60,8 +62,10 @@ def test_hand_written_loop_matches_the_pipeline(pipe):
     assert (latent - latents).abs().max() <= 2e-5 * latents.abs().max()        # float32 rounding
 
 
-def test_image_grid_is_reexported():
-    assert text_to_image.image_grid(to_pil(torch.zeros(4, 3, 8, 8)), 2, 2).size == (16, 16)
+def test_top_level_names():
+    assert nanodiffusion.image_grid(to_pil(torch.zeros(4, 3, 8, 8)), 2, 2).size == (16, 16)
+    assert nanodiffusion.TextToImage is TextToImage and nanodiffusion.GenerationRequest is GenerationRequest
+    assert nanodiffusion.resolve_sampler("Euler a") == "euler_ancestral"
 
 
 def test_same_seed_same_image_and_seed_is_a_cpu_generator(pipe):
@@ -85,7 +89,11 @@ def test_batch_draws_one_noise_tensor_prompt_major(pipe):
     noise = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(3))
     for row, prompt in enumerate(["a photo of a cat"] * 2 + ["a red car"] * 2):
         alone = pipe(prompt, num_steps=6, latents=noise[row:row + 1], seed=0, output_type="latent", **SIZE)
-        assert torch.allclose(batch.images[row], alone.images[0], rtol=1e-4, atol=1e-4)
+        # batched and single-image oneDNN kernels round differently: on a 2-core AVX2 CPU the latents (up to
+        # ~29) differ by up to 1.5e-4, about 5e-6 of their scale, whatever the thread count; an elementwise
+        # tolerance fails where that error lands on a small value. A wrong row differs by O(10).
+        scale = batch.images.abs().max()
+        assert (batch.images[row] - alone.images[0]).abs().max() <= 2e-5 * scale          # float32 rounding
     assert (batch.images[0] - batch.images[1]).abs().max() > 1e-2
 
 
@@ -153,7 +161,7 @@ def test_request_round_trips_through_a_dict():
     request = GenerationRequest("a cat", "blurry", num_steps=20, seed=5, height=64, width=48,
                                 sampler="euler_a")
     assert GenerationRequest.from_dict(request.to_dict()) == request
-    with pytest.raises(UserError, match="unknown generation settings"):
+    with pytest.raises(UserError, match=r"unknown GenerationRequest keys \['steps'\]"):
         GenerationRequest.from_dict({**request.to_dict(), "steps": 3})
 
 
@@ -237,9 +245,9 @@ def test_fp16_vae_nan_is_reported_and_retried_in_float32(pipe, monkeypatch):
 
 
 def test_missing_builtin_model_is_a_clear_error(monkeypatch, tmp_path):
-    from nanodiffusion.pipelines.text_to_image import BUILTIN_MODELS
-    monkeypatch.setitem(BUILTIN_MODELS, "builtin", tmp_path / "not-installed")
-    with pytest.raises(UserError, match="built-in text-to-image model is not shipped yet"):
+    from nanodiffusion.weights.models import BUILTIN_TEXT_TO_IMAGE
+    monkeypatch.setitem(BUILTIN_TEXT_TO_IMAGE, "builtin", tmp_path / "not-installed")
+    with pytest.raises(UserError, match=r"built-in text-to-image model \('builtin'\) is not shipped yet"):
         TextToImage.from_pretrained("builtin")
 
 

@@ -98,7 +98,7 @@ def test_class_prompt_oracle_scores_as_real_images_and_shuffled_or_collapsed_one
 
 def test_eval_command_judges_a_text_to_image_folder(tmp_path, capsys):
     pytest.importorskip("diffusers")
-    from tiny_sd import save_tiny_diffusers
+    from fixtures import save_tiny_diffusers
     folder = save_tiny_diffusers(tmp_path / "model")
     out = tmp_path / "eval.json"
     main(["eval", str(folder), "--prompts", "shapes", "relations", "--num-shapes", "4", "--num-relations",
@@ -114,15 +114,15 @@ def test_eval_command_judges_a_text_to_image_folder(tmp_path, capsys):
 
 def test_text_to_image_eval_errors_are_clear(tmp_path, capsys, monkeypatch):
     pytest.importorskip("diffusers")
-    from tiny_sd import save_tiny_diffusers
+    from fixtures import save_tiny_diffusers
     folder = save_tiny_diffusers(tmp_path / "model")
     for argv, message in [(["--num-relations", "0"], "--num-shapes and --num-relations must be >= 1"),
                           (["--sampler", "nope"], "unknown sampler 'nope'")]:
         with pytest.raises(SystemExit) as exit_info:
             main(["eval", str(folder), "--prompts", "shapes", "--num-shapes", "2", *argv])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
-    from nanodiffusion.pipelines.text_to_image import BUILTIN_MODELS
-    monkeypatch.setitem(BUILTIN_MODELS, "builtin", tmp_path / "not-installed")
+    from nanodiffusion.weights.models import BUILTIN_TEXT_TO_IMAGE
+    monkeypatch.setitem(BUILTIN_TEXT_TO_IMAGE, "builtin", tmp_path / "not-installed")
     with pytest.raises(SystemExit):
         main(["eval", "builtin"])
-    assert "built-in text-to-image model is not shipped yet" in capsys.readouterr().err
+    assert "the built-in text-to-image model ('builtin') is not shipped yet (or was removed)" in capsys.readouterr().err

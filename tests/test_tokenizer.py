@@ -1,6 +1,5 @@
 """CLIP tokenizer: on CLIP's real vocabulary, ids equal transformers' CLIPTokenizer and OpenAI's algorithm."""
 
-import gzip
 import json
 import math
 import random
@@ -12,9 +11,9 @@ import pytest
 import torch
 
 from nanodiffusion.errors import UserError
-from nanodiffusion.tokenizer import CLIP_BPE_FOLDER, CLIPTokenizer, byte_alphabet, train_bpe, vocab_from_merges
+from nanodiffusion.tokenizer import CLIPTokenizer, byte_alphabet, train_bpe, vocab_from_merges
+from fixtures import write_clip_tokenizer
 
-FIXTURES = CLIP_BPE_FOLDER                  # CLIP's BPE files, shipped with the package
 EOS, BOS = 49407, 49406
 
 TRICKY = [
@@ -48,21 +47,7 @@ TRICKY = [
 @pytest.fixture(scope="module")
 def clip_folder(tmp_path_factory) -> Path:
     """CLIP's real vocabulary as SD v1.x's `tokenizer/` folder, specials as transformers wrote them."""
-    folder = tmp_path_factory.mktemp("sd15") / "tokenizer"
-    folder.mkdir()
-    for name in ("vocab.json", "merges.txt"):
-        (folder / name).write_bytes(gzip.decompress((FIXTURES / f"{name}.gz").read_bytes()))
-    token = {"lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
-    specials = {"bos_token": {"content": "<|startoftext|>", **token},
-                "eos_token": {"content": "<|endoftext|>", **token},
-                "pad_token": "<|endoftext|>",
-                "unk_token": {"content": "<|endoftext|>", **token}}
-    (folder / "special_tokens_map.json").write_text(json.dumps(specials))
-    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
-              **{name: {"__type": "AddedToken", **value} if isinstance(value, dict) else value
-                 for name, value in specials.items()}}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    return folder
+    return write_clip_tokenizer(tmp_path_factory.mktemp("sd15") / "tokenizer")
 
 
 @pytest.fixture(scope="module")

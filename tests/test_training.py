@@ -9,8 +9,8 @@ from nanodiffusion.diffusion.schedules import ScheduleConfig
 from nanodiffusion.errors import UserError
 from nanodiffusion.nets.ddpm_unet import TINY_UNET
 from nanodiffusion.pipelines.ddpm import DDPMPipeline
-from nanodiffusion.training import checkpoint
 from nanodiffusion.training.ddpm_trainer import DDPMTrainer, TrainConfig
+from nanodiffusion.weights import checkpoint
 
 UNET = dataclasses.replace(TINY_UNET, image_size=28, num_classes=10)
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import make_fake_mnist
+from fixtures import make_fake_mnist
 from nanodiffusion.cli import main
 from nanodiffusion.data.captioned import load_captioned
 from nanodiffusion.nets.vae import TINY_VAE, DiagonalGaussian

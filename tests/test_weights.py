@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from nanodiffusion.errors import UserError
 from nanodiffusion.nets.sd_unet import SDUNet, SDUNetConfig
 from nanodiffusion.weights import SDComponents, load_sd, save_diffusers
-from weights_fixtures import assert_same_weights, random_components
+from fixtures import assert_same_weights, random_components
 
 MEDIUM_UNET = SDUNetConfig(model_channels=64, channel_mult=(1, 2, 4), num_res_blocks=2,
                            attention_levels=(1, 2), num_heads=8, context_dim=32)          # 91 MB in fp32

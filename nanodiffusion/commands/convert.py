@@ -8,12 +8,10 @@ others need --tokenizer to become a folder.
 from pathlib import Path
 
 from nanodiffusion.errors import UserError
-from nanodiffusion.pipelines.text_to_image import BUILTIN_MODELS
 from nanodiffusion.tokenizer import CLIPTokenizer
 from nanodiffusion.weights import load_sd, save_diffusers, save_single_file
 from nanodiffusion.weights.components import DTYPES
 
-HELP = "convert SD v1.x weights between a diffusers folder and a single .safetensors/.ckpt file"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 
@@ -40,8 +38,7 @@ def run(args) -> None:
     if layout == "diffusers" and dst.exists() and not dst.is_dir():
         raise UserError(f"{dst} is a file; a diffusers folder needs a folder path")
     tokenizer = CLIPTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else None
-    src = BUILTIN_MODELS.get(args.src, args.src)
-    components = load_sd(src, dtype=args.dtype, variant=args.variant, trust_pickle=args.trust_pickle,
+    components = load_sd(args.src, dtype=args.dtype, variant=args.variant, trust_pickle=args.trust_pickle,
                          tokenizer=tokenizer)
     if layout == "diffusers":
         save_diffusers(components, dst)

@@ -21,11 +21,11 @@ from nanodiffusion.evaluation.report import (
 from nanodiffusion.evaluation.text_to_image_eval import (
     PROMPT_SETS, evaluate_text_to_image, sweep_text_to_image,
 )
-from nanodiffusion.pipelines.ddpm import BUILTIN_MODELS, DDPMPipeline
-from nanodiffusion.pipelines.text_to_image import BUILTIN_MODELS as TEXT_TO_IMAGE_MODELS
-from nanodiffusion.pipelines.text_to_image import GenerationRequest, TextToImage
+from nanodiffusion.pipelines.ddpm import DDPMPipeline
+from nanodiffusion.pipelines.request import GenerationRequest
+from nanodiffusion.pipelines.text_to_image import TextToImage
+from nanodiffusion.weights.models import BUILTIN_DDPM, BUILTIN_TEXT_TO_IMAGE
 
-HELP = "measure a DDPM model: class agreement, Fréchet distance, diversity (or a sampler x steps sweep)"
 DEFAULT_SAMPLER, DEFAULT_STEPS = "dpmpp_2m", 50
 DEFAULT_IMAGES, DEFAULT_SWEEP_IMAGES = 1000, 200
 DEFAULT_GUIDANCE = 2.0
@@ -36,8 +36,8 @@ def add_arguments(p) -> None:
     # "(default: None)" after the help that states them; `run` reads them with vars(args).get
     depends = argparse.SUPPRESS
     p.add_argument("model", nargs="?", default="fashion-mnist",
-                   help=f"DDPM checkpoint file or built-in model ({', '.join(BUILTIN_MODELS)}); or a "
-                        f"text-to-image diffusers folder or built-in model ({', '.join(TEXT_TO_IMAGE_MODELS)})")
+                   help=f"DDPM checkpoint file or built-in model ({', '.join(BUILTIN_DDPM)}); or a "
+                        f"text-to-image diffusers folder or built-in model ({', '.join(BUILTIN_TEXT_TO_IMAGE)})")
     p.add_argument("--dataset", default="fashion-mnist",
                    help=f"the data set the model was trained on; one of {', '.join(BUILTIN_CLASSIFIERS)}")
     p.add_argument("--data-dir", help="folder holding the dataset files")
@@ -68,7 +68,7 @@ def add_arguments(p) -> None:
 
 
 def is_text_to_image(model: str) -> bool:
-    return model in TEXT_TO_IMAGE_MODELS or (Path(model) / "model_index.json").is_file()
+    return model in BUILTIN_TEXT_TO_IMAGE or (Path(model) / "model_index.json").is_file()
 
 
 def run(args) -> None:

@@ -6,7 +6,6 @@ import torch
 
 from nanodiffusion.pipelines.ddpm import DDPMPipeline
 
-HELP = "export a DDPM training checkpoint as a model file for sampling"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 

@@ -7,8 +7,6 @@ from nanodiffusion.diffusion.schedules import SCHEDULE_DEFAULTS, ScheduleConfig
 from nanodiffusion.images import save_png
 from nanodiffusion.pipelines.forward_figure import forward_process_figure
 
-HELP = "picture of the forward (noising) process"
-
 
 def add_arguments(p) -> None:
     p.add_argument("--dataset", default="fashion-mnist", help="mnist, fashion-mnist or a folder of images")

@@ -7,7 +7,6 @@ change that setting). With -n N, image k gets seed + k and is generated on its o
 """
 
 import argparse
-import math
 import random
 import sys
 from dataclasses import fields, replace
@@ -18,18 +17,16 @@ from tqdm.auto import tqdm
 
 from nanodiffusion.diffusion.sampling_plan import SIGMA_SCHEDULES
 from nanodiffusion.errors import UserError
-from nanodiffusion.images import image_grid, read_png_text, save_gif, save_png, to_pil
-from nanodiffusion.pipelines.metadata import (
-    PARAMETERS_KEY, SETTINGS_KEY, a1111_parameters, model_hash, read_settings, settings_json,
+from nanodiffusion.images import (
+    frame_steps, grid_shape, image_grid, read_png_text, save_gif, save_png, to_pil,
 )
-from nanodiffusion.pipelines.text_to_image import (
-    BUILTIN_MODELS, GenerationRequest, TextToImage, resolve_sampler,
-)
+from nanodiffusion.pipelines.image_loop import generate_each
+from nanodiffusion.pipelines.metadata import ModelRecord, read_settings
+from nanodiffusion.pipelines.request import GenerationRequest
+from nanodiffusion.pipelines.text_to_image import TextToImage
 from nanodiffusion.weights.components import DTYPES
-from nanodiffusion.weights.hub import download_repo, looks_like_repo_id
+from nanodiffusion.weights.models import DEFAULT_TEXT_TO_IMAGE, model_hash, model_path
 
-HELP = "generate images from a text prompt (Stable Diffusion v1.x)"
-DEFAULT_MODEL = "builtin"       # the text-to-image model shipped inside the package
 DEFAULT_OUT = "image.png"
 DEFAULTS = {field.name: field.default for field in fields(GenerationRequest)}
 SUPPRESS = argparse.SUPPRESS    # flags not given stay unset, so that --from can tell them apart
@@ -43,7 +40,7 @@ def add_arguments(p) -> None:
                    help="the prompt; A1111 emphasis is read: (word:1.3), (word), [word], \\( for a bracket")
     p.add_argument("--model", default=SUPPRESS,
                    help=f"diffusers folder, .safetensors/.ckpt file or Hugging Face repo id "
-                        f"(default: {DEFAULT_MODEL})")
+                        f"(default: {DEFAULT_TEXT_TO_IMAGE})")
     p.add_argument("--negative", dest="negative_prompt", default=SUPPRESS, help="negative prompt")
     p.add_argument("--steps", dest="num_steps", type=int, default=SUPPRESS,
                    help=f"sampling steps (default: the model's, else {DEFAULTS['num_steps']})")
@@ -94,7 +91,8 @@ def build_request(args) -> tuple[GenerationRequest, dict]:
     PNG or a flag set): --from's PNG, then the flags given."""
     given = vars(args)
     stored = {}
-    run = {"model": DEFAULT_MODEL, "dtype": "fp32", "model_hash": None, "device": None, "vae_tile": None}
+    run = {"model": DEFAULT_TEXT_TO_IMAGE, "dtype": "fp32", "model_hash": None, "device": None,
+           "vae_tile": None}
     if args.from_image:
         settings = read_settings(read_png_text(args.from_image), args.from_image)
         stored = settings["request"]
@@ -118,23 +116,6 @@ def build_request(args) -> tuple[GenerationRequest, dict]:
     return GenerationRequest.from_dict(values), run
 
 
-def resolve_model(model: str) -> Path:
-    """Local path of a model argument (downloading a repo id to the Hugging Face cache)."""
-    if model in BUILTIN_MODELS:
-        if not BUILTIN_MODELS[model].exists():
-            raise UserError(f"the built-in text-to-image model ({DEFAULT_MODEL!r}) is not shipped yet (or was "
-                            "removed): pass "
-                            "--model with a diffusers folder, a .safetensors/.ckpt file or a Hugging Face "
-                            "repo id")
-        return BUILTIN_MODELS[model]
-    path = Path(model)
-    if not path.exists() and looks_like_repo_id(model):
-        return download_repo(model)
-    if not path.exists():
-        raise UserError(f"no such model file or folder: {model}")
-    return path
-
-
 def output_paths(args, seeds: list[int]) -> tuple[list[Path], Path]:
     """One path per image and the grid's path."""
     if args.out_dir:
@@ -148,12 +129,6 @@ def output_paths(args, seeds: list[int]) -> tuple[list[Path], Path]:
     return paths, out.with_name(f"{out.stem}-grid.png")
 
 
-def preview_steps(num_steps: int, frames: int) -> set[int]:
-    """Steps after which the GIF gets a preview: `frames` of them, evenly spaced, the last step included."""
-    frames = max(1, min(frames, num_steps))
-    return {round((j + 1) * num_steps / frames) - 1 for j in range(frames)}
-
-
 def run(args) -> None:
     for name in UNSET_IS_NONE:
         setattr(args, name, getattr(args, name, None))
@@ -161,7 +136,7 @@ def run(args) -> None:
     seeds = [request.seed + k for k in range(args.num_images)]
     paths, grid_path = output_paths(args, seeds)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    path = resolve_model(settings["model"])
+    path = model_path(settings["model"])
     digest = model_hash(path)
     if args.from_image:
         _warn_if_different(settings, digest, device)
@@ -173,45 +148,49 @@ def run(args) -> None:
     # the model's own defaults (the built-in model's guidance, sampler, steps) where nothing chose a value
     request = replace(request, **{key: value for key, value in pipe.generation_defaults.items()
                                   if key not in settings["chosen"]})
-    name = path.stem if path.is_file() else Path(settings["model"]).name   # A1111's "Model": file stem
-    images, animations, texts = [], [], []
-    for k, (seed, out) in enumerate(zip(seeds, paths)):
-        label = f"image {k + 1}/{len(seeds)}"
-        image, frames, done = _generate_one(pipe, replace(request, seed=seed), args, label)
-        text = {PARAMETERS_KEY: a1111_parameters(done, resolve_sampler(done.sampler), name, digest),
-                SETTINGS_KEY: settings_json(done, model=settings["model"], model_hash=digest,
-                                            dtype=settings["dtype"], device=torch.device(device).type,
-                                            vae_tile=settings["vae_tile"])}
+    model = ModelRecord(settings["model"], path, digest, settings["dtype"], torch.device(device).type,
+                        settings["vae_tile"])
+    previews = frame_steps(request.num_steps, args.gif_frames) if args.gif else set()
+    progress = _Progress(pipe, request, len(seeds), previews)
+    images, texts = [], []
+    for out, (image, text, done, _) in zip(paths, generate_each(pipe, request, len(seeds), model,
+                                                                progress=progress)):
+        progress.finish(image)
         save_png(image, out, text)
-        print(f"wrote {out} (seed {seed})")
+        print(f"wrote {out} (seed {done.seed})")
         images.append(image)
-        animations.append(frames)
         texts.append(text)
-    cols = math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
+    shape = grid_shape(len(images))
     if args.grid:
-        save_png(image_grid(images, rows, cols), grid_path, texts[0])      # A1111 grids carry image 0's text
+        save_png(image_grid(images, *shape), grid_path, texts[0])      # A1111 grids carry image 0's text
         print(f"wrote {grid_path}")
     if args.gif:
-        save_gif([image_grid(list(step), rows, cols) for step in zip(*animations)], args.gif)
-        print(f"wrote {args.gif} ({len(animations[0])} frames)")
+        save_gif([image_grid(list(step), *shape) for step in zip(*progress.animations)], args.gif)
+        print(f"wrote {args.gif} ({len(progress.animations[0])} frames)")
 
 
-def _generate_one(pipe: TextToImage, request: GenerationRequest, args, label: str):
-    """One image (PIL), its GIF frames (x0 previews, then the image) and the request as run."""
-    previews = preview_steps(request.num_steps, args.gif_frames) if args.gif else set()
-    frames = []
-    bar = tqdm(total=request.num_steps, desc=f"{label} (seed {request.seed})", leave=False)
+class _Progress:
+    """A progress bar per image, and each image's GIF frames: x0 previews after the `previews` steps, then the
+    image itself (see image_loop.generate_each for the calls)."""
 
-    def callback(i, x, denoised):
-        bar.update(1)
-        if i in previews:
-            frames.extend(to_pil(pipe.decode_latents(denoised)))
+    def __init__(self, pipe: TextToImage, request: GenerationRequest, num_images: int, previews: set[int]):
+        self.pipe, self.request, self.num_images, self.previews = pipe, request, num_images, previews
+        self.bar, self.animations = None, []
 
-    output = pipe.generate(request, callback=callback)
-    bar.close()
-    image = output.images[0]
-    return image, frames + [image] if args.gif else [], output.request
+    def __call__(self, k: int, steps_done: int, denoised) -> None:
+        if steps_done == 0:
+            self.bar = tqdm(total=self.request.num_steps, leave=False,
+                            desc=f"image {k + 1}/{self.num_images} (seed {self.request.seed + k})")
+            self.animations.append([])
+            return
+        self.bar.update(1)
+        if steps_done - 1 in self.previews:
+            self.animations[-1].extend(to_pil(self.pipe.decode_latents(denoised)))
+
+    def finish(self, image) -> None:
+        self.bar.close()
+        if self.previews:
+            self.animations[-1].append(image)
 
 
 BF16_HINT_PARAMETERS = 100_000_000      # UNets this large (SD v1.x: 860M) gain ~2x from bf16 on such a CPU

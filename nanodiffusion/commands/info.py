@@ -6,8 +6,6 @@ from nanodiffusion.errors import UserError
 from nanodiffusion.images import read_png_text
 from nanodiffusion.pipelines.metadata import PARAMETERS_KEY, SETTINGS_KEY, read_settings
 
-HELP = "print the generation parameters stored in a PNG (A1111 'parameters' and nanodiffusion settings)"
-
 
 def add_arguments(p) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG files")

@@ -4,14 +4,13 @@ from pathlib import Path
 
 from nanodiffusion.diffusion.samplers import SAMPLERS
 from nanodiffusion.images import save_png, to_pil
-from nanodiffusion.pipelines.ddpm import BUILTIN_MODELS, DDPMPipeline, save_reverse_gif
-
-HELP = "sample images from a DDPM model (the built-in Fashion-MNIST model by default)"
+from nanodiffusion.pipelines.ddpm import DDPMPipeline, save_reverse_gif
+from nanodiffusion.weights.models import BUILTIN_DDPM
 
 
 def add_arguments(p) -> None:
     p.add_argument("model", nargs="?", default="fashion-mnist",
-                   help=f"checkpoint file, or a built-in model: {', '.join(BUILTIN_MODELS)}")
+                   help=f"checkpoint file, or a built-in model: {', '.join(BUILTIN_DDPM)}")
     p.add_argument("-n", "--num-images", type=int, default=20, help="number of images")
     # defaults chosen by `nanodiffusion eval` on the built-in model (README): 99 % class agreement
     p.add_argument("--sampler", default="dpmpp_2m_sde", choices=list(SAMPLERS), help="sampler")

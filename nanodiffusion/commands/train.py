@@ -5,26 +5,20 @@ Under torchrun (`torchrun --nproc_per_node N -m nanodiffusion train ...`) every 
 DistributedDataParallel: gloo on the CPU, nccl with --device cuda; the results equal one process's.
 """
 
-import argparse
-import importlib
-
+from nanodiffusion.commands import add_commands
 from nanodiffusion.training import distributed
 
-HELP = "train a model: ddpm (default), or vae, text-encoder and unet for text-to-image"
-STAGES = {                  # stage -> module in nanodiffusion.commands with `add_arguments` and `run`
-    "ddpm": "train_ddpm", "vae": "train_vae", "text-encoder": "train_text_encoder", "unet": "train_unet",
+STAGES = {                  # stage -> (module in nanodiffusion.commands with `add_arguments` and `run`, help)
+    "ddpm": ("train_ddpm", "a pixel-space DDPM model, from scratch"),
+    "vae": ("train_vae", "stage 1 of text-to-image: the VAE (AutoencoderKL)"),
+    "text-encoder": ("train_text_encoder",
+                     "stage 2 of text-to-image (optional): pre-train the text encoder as a miniature CLIP"),
+    "unet": ("train_unet", "stage 3 of text-to-image: the latent UNet with cross-attention"),
 }
-DEFAULT_STAGE = "ddpm"          # `nanodiffusion train --dataset ...` (no stage) trains DDPM, as it always did
 
 
 def add_arguments(p) -> None:
-    stages = p.add_subparsers(dest="stage", metavar="STAGE", required=True)
-    for name, module_name in STAGES.items():
-        module = importlib.import_module(f"nanodiffusion.commands.{module_name}")
-        stage = stages.add_parser(name, help=module.HELP, description=module.__doc__,
-                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        module.add_arguments(stage)
-        stage.set_defaults(run_stage=module.run)
+    add_commands(p, STAGES, dest="stage", run_key="run_stage")
 
 
 def run(args) -> None:

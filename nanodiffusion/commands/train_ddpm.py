@@ -4,18 +4,16 @@ import dataclasses
 from pathlib import Path
 
 from nanodiffusion.commands.train_options import (
-    add_data_arguments, add_loop_arguments, loop_settings, resume_if_asked, say,
+    add_data_arguments, add_denoising_arguments, denoising_settings, resume_if_asked, say,
+    schedule_for,
 )
 from nanodiffusion.data.datasets import load_dataset
-from nanodiffusion.diffusion.forward import PREDICTION_TYPES
-from nanodiffusion.diffusion.schedules import SCHEDULE_DEFAULTS, ScheduleConfig
 from nanodiffusion.nets.ddpm_unet import UNET_PRESETS
 from nanodiffusion.training.ddpm_trainer import DDPMTrainer, TrainConfig
 
-HELP = "a pixel-space DDPM model, from scratch"
-
 
 def add_arguments(p) -> None:
+    defaults = TrainConfig()
     add_data_arguments(p, datasets="mnist, fashion-mnist or a folder of images", image_size=None)
     model = p.add_argument_group("model")
     model.add_argument("--preset", default="default", choices=list(UNET_PRESETS), help="UNet preset")
@@ -26,15 +24,9 @@ def add_arguments(p) -> None:
     model.add_argument("--norm-groups", type=int, help="override the preset's GroupNorm groups")
     model.add_argument("--dropout", type=float, help="override the preset's dropout")
     model.add_argument("--unconditional", action="store_true", help="ignore class labels")
-    model.add_argument("--schedule", default="linear", choices=list(SCHEDULE_DEFAULTS), help="noise schedule")
-    model.add_argument("--timesteps", type=int, default=1000, help="number of diffusion steps T")
-    model.add_argument("--prediction", default="epsilon", choices=PREDICTION_TYPES, help="what the UNet predicts")
-    defaults = TrainConfig()
-    train = add_loop_arguments(p, defaults)
-    train.add_argument("--ema-decay", type=float, default=defaults.ema_decay)
+    train = add_denoising_arguments(p, model, defaults, schedule="linear")
     train.add_argument("--label-dropout", type=float, default=defaults.label_dropout,
                        help="probability of dropping the label (null class), for classifier-free guidance")
-    train.add_argument("--min-snr-gamma", type=float, help="min-SNR loss weighting (e.g. 5); off by default")
     train.add_argument("--channels-last", action="store_true",
                        help="channels-last memory format (faster convs, but slower GroupNorm on CPU)")
 
@@ -58,11 +50,9 @@ def run(args) -> None:
     default_size = UNET_PRESETS[args.preset].image_size if not args.dataset.endswith("mnist") else None
     dataset = load_dataset(args.dataset, image_size=args.image_size or default_size, channels=args.channels,
                            data_dir=args.data_dir)
-    config = TrainConfig(**loop_settings(args), ema_decay=args.ema_decay, prediction=args.prediction,
-                         min_snr_gamma=args.min_snr_gamma, label_dropout=args.label_dropout,
+    config = TrainConfig(**denoising_settings(args), label_dropout=args.label_dropout,
                          channels_last=args.channels_last)
-    trainer = DDPMTrainer(config, unet_config_for(args, dataset), ScheduleConfig(args.schedule, args.timesteps),
-                          dataset)
+    trainer = DDPMTrainer(config, unet_config_for(args, dataset), schedule_for(args), dataset)
     resume_if_asked(trainer, args)
     params = sum(p.numel() for p in trainer.model.parameters())
     say(f"training {params / 1e6:.2f}M parameters on {len(dataset)} images; checkpoints in {args.out_dir}")

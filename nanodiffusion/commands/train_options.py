@@ -4,10 +4,13 @@ printing (rank 0 only under torchrun)."""
 import dataclasses
 from pathlib import Path
 
+from nanodiffusion.diffusion.forward import PREDICTION_TYPES
+from nanodiffusion.diffusion.schedules import SCHEDULE_DEFAULTS, ScheduleConfig
 from nanodiffusion.errors import UserError
 from nanodiffusion.nets.clip_text import CLIPTextConfig
 from nanodiffusion.training import distributed
 from nanodiffusion.training.captions import SMALL_TEXT
+from nanodiffusion.training.denoising import DenoisingConfig
 from nanodiffusion.training.run_state import LR_SCHEDULES, LoopConfig
 
 
@@ -57,6 +60,30 @@ def loop_settings(args) -> dict:
                 batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                 warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule, bf16=args.bf16, seed=args.seed,
                 save_every_steps=args.save_every, sample_every_epochs=args.sample_every, device=args.device)
+
+
+def add_denoising_arguments(p, model, defaults: DenoisingConfig, schedule: str):
+    """The noise schedule and the UNet's target (to the `model` group), the shared training options with the
+    EMA and the loss weighting (a "training" group, returned for the stage's own options)."""
+    train = add_loop_arguments(p, defaults)
+    model.add_argument("--schedule", default=schedule, choices=list(SCHEDULE_DEFAULTS), help="noise schedule")
+    model.add_argument("--timesteps", type=int, default=1000, help="number of diffusion steps T")
+    model.add_argument("--prediction", default=defaults.prediction, choices=PREDICTION_TYPES,
+                       help="what the UNet predicts")
+    train.add_argument("--ema-decay", type=float, default=defaults.ema_decay)
+    train.add_argument("--min-snr-gamma", type=float, help="min-SNR loss weighting (e.g. 5); off by default")
+    return train
+
+
+def denoising_settings(args) -> dict:
+    """The DenoisingConfig fields from the shared options: loop_settings and the denoising ones."""
+    return dict(loop_settings(args), ema_decay=args.ema_decay, prediction=args.prediction,
+                min_snr_gamma=args.min_snr_gamma)
+
+
+def schedule_for(args) -> ScheduleConfig:
+    """The noise schedule of --schedule and --timesteps."""
+    return ScheduleConfig(args.schedule, args.timesteps)
 
 
 def add_text_arguments(p) -> None:

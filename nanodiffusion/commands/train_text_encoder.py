@@ -8,11 +8,9 @@ from nanodiffusion.commands.train_options import (
     add_data_arguments, add_loop_arguments, add_text_arguments, load_captioned_data, loop_settings,
     resume_if_asked, say, text_base_config,
 )
-from nanodiffusion.evaluation.clip_score import MiniCLIPConfig
+from nanodiffusion.nets.mini_clip import MiniCLIPConfig
 from nanodiffusion.training.captions import caption_tokenizer, text_config_for
 from nanodiffusion.training.clip_trainer import TextEncoderTrainConfig, TextEncoderTrainer
-
-HELP = "stage 2 of text-to-image (optional): pre-train the text encoder as a miniature CLIP"
 
 
 def add_arguments(p) -> None:

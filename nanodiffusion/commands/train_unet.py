@@ -8,21 +8,18 @@ and fine-tuned (--text-encoder DIR --train-text-encoder). Writes the diffusers f
 import dataclasses
 
 from nanodiffusion.commands.train_options import (
-    add_data_arguments, add_loop_arguments, add_text_arguments, load_captioned_data, loop_settings,
-    resume_if_asked, say, text_base_config,
+    add_data_arguments, add_denoising_arguments, add_text_arguments, denoising_settings,
+    load_captioned_data, resume_if_asked, say, schedule_for, text_base_config,
 )
-from nanodiffusion.diffusion.forward import PREDICTION_TYPES
-from nanodiffusion.diffusion.schedules import SCHEDULE_DEFAULTS, ScheduleConfig
 from nanodiffusion.training.captions import caption_tokenizer, new_text_encoder
 from nanodiffusion.training.export import load_component, load_tokenizer
 from nanodiffusion.training.latent_trainer import (
     PIPELINE_FOLDER, SMALL_UNET, LatentTrainConfig, LatentTrainer,
 )
 
-HELP = "stage 3 of text-to-image: the latent UNet with cross-attention"
-
 
 def add_arguments(p) -> None:
+    defaults = LatentTrainConfig()
     add_data_arguments(p, datasets="mnist, fashion-mnist, shapes, a mix a+b, or a folder", image_size=32)
     parts = p.add_argument_group("components")
     parts.add_argument("--vae", required=True,
@@ -40,17 +37,9 @@ def add_arguments(p) -> None:
                        help="levels with cross-attention transformers (the middle always has one)")
     model.add_argument("--num-heads", type=int, default=SMALL_UNET.num_heads)
     model.add_argument("--num-res-blocks", type=int, default=SMALL_UNET.num_res_blocks)
-    model.add_argument("--schedule", default="scaled_linear", choices=list(SCHEDULE_DEFAULTS),
-                       help="noise schedule")
-    model.add_argument("--timesteps", type=int, default=1000, help="number of diffusion steps T")
-    model.add_argument("--prediction", default="epsilon", choices=PREDICTION_TYPES,
-                       help="what the UNet predicts")
-    defaults = LatentTrainConfig()
-    train = add_loop_arguments(p, defaults)
-    train.add_argument("--ema-decay", type=float, default=defaults.ema_decay)
+    train = add_denoising_arguments(p, model, defaults, schedule="scaled_linear")
     train.add_argument("--caption-dropout", type=float, default=defaults.caption_dropout,
                        help="probability of training on the empty caption, for classifier-free guidance")
-    train.add_argument("--min-snr-gamma", type=float, help="min-SNR loss weighting (e.g. 5); off by default")
     train.add_argument("--sample-posterior", action="store_true",
                        help="train on a fresh z ~ q(z|x) at each visit instead of the posterior mean")
     train.add_argument("--sample-prompt", action="append", default=[],
@@ -69,8 +58,7 @@ def run(args) -> None:
         tokenizer = caption_tokenizer(dataset, args.vocab_size, args.max_tokens)
         text_encoder = new_text_encoder(tokenizer, text_base_config(args), seed=args.seed)
     config = LatentTrainConfig(
-        **loop_settings(args), ema_decay=args.ema_decay, prediction=args.prediction,
-        min_snr_gamma=args.min_snr_gamma, caption_dropout=args.caption_dropout,
+        **denoising_settings(args), caption_dropout=args.caption_dropout,
         train_text_encoder=args.train_text_encoder or not args.text_encoder,
         sample_posterior=args.sample_posterior, sample_prompts=tuple(args.sample_prompt),
         sample_guidance_scale=args.sample_guidance)
@@ -81,8 +69,7 @@ def run(args) -> None:
         attention_levels=tuple(args.attention_levels), num_heads=args.num_heads,
         num_res_blocks=args.num_res_blocks, context_dim=text_encoder.config.hidden_size,
         sample_size=latent_side)
-    trainer = LatentTrainer(config, unet_config, ScheduleConfig(args.schedule, args.timesteps), dataset, vae,
-                            text_encoder, tokenizer)
+    trainer = LatentTrainer(config, unet_config, schedule_for(args), dataset, vae, text_encoder, tokenizer)
     resume_if_asked(trainer, args)
     params = sum(p.numel() for p in trainer.unet.parameters())
     text = "trained with it" if config.train_text_encoder else "frozen"

@@ -11,8 +11,6 @@ from nanodiffusion.commands.train_options import (
 )
 from nanodiffusion.training.vae_trainer import SMALL_VAE, VAETrainConfig, VAETrainer
 
-HELP = "stage 1 of text-to-image: the VAE (AutoencoderKL)"
-
 
 def add_arguments(p) -> None:
     add_data_arguments(p, datasets="mnist, fashion-mnist, shapes, a mix a+b, or a folder", image_size=32)

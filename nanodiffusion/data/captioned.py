@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from nanodiffusion.data.captions import class_prompts
-from nanodiffusion.data.datasets import load_dataset
+from nanodiffusion.data.datasets import UInt8Images, load_dataset
 from nanodiffusion.data.folder import list_images, read_image_folder
 from nanodiffusion.data.mnist import MNIST_FAMILY
 from nanodiffusion.data.shapes import ShapesDataset
@@ -30,31 +30,17 @@ MAX_LISTED = 5                      # file names listed in an error message
 
 
 @dataclass(frozen=True)
-class CaptionedDataset:
+class CaptionedDataset(UInt8Images):
     """Images (N, C, H, W) uint8 in memory, the captions each item draws from, and the parts it joins."""
-    images: torch.Tensor
     caption_choices: tuple[tuple[str, ...], ...]        # per item; the first is its canonical caption
     parts: tuple[tuple[str, int], ...] = ()             # (source name, number of items), in order
 
     def __post_init__(self):
-        if self.images.ndim != 4 or self.images.dtype != torch.uint8:
-            raise ValueError(f"images must be uint8 (N, C, H, W), got {self.images.dtype} "
-                             f"{tuple(self.images.shape)}")
+        super().__post_init__()
         if len(self.caption_choices) != len(self.images):
             raise ValueError(f"{len(self.caption_choices)} caption tuples for {len(self.images)} images")
         if not all(self.caption_choices):
             raise ValueError("every item needs at least one caption")
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    @property
-    def channels(self) -> int:
-        return self.images.shape[1]
-
-    @property
-    def image_size(self) -> int:
-        return self.images.shape[2]
 
     def caption(self, index: int, generator: torch.Generator | None = None) -> str:
         """The canonical caption of item `index` (no generator), else one drawn from `generator`."""

@@ -17,23 +17,14 @@ RESIZE_CHUNK = 8192                 # images resized at a time: bounds the float
 
 
 @dataclass(frozen=True)
-class ImageDataset:
-    """Images (N, C, H, W) uint8 in memory, optional labels (N,) int64 and the names of their classes."""
+class UInt8Images:
+    """Images (N, C, H, W) uint8 held in memory: what the labelled and the captioned data sets share."""
     images: torch.Tensor
-    labels: torch.Tensor | None = None
-    class_names: tuple[str, ...] | None = None
 
     def __post_init__(self):
         if self.images.ndim != 4 or self.images.dtype != torch.uint8:
             raise ValueError(f"images must be uint8 (N, C, H, W), got {self.images.dtype} "
                              f"{tuple(self.images.shape)}")
-        labels, class_names = self.labels, self.class_names
-        if labels is not None:
-            if labels.shape != (len(self.images),) or labels.dtype != torch.int64:
-                raise ValueError(f"labels must be int64 of shape ({len(self.images)},), got {labels.dtype} "
-                                 f"{tuple(labels.shape)}")
-            if class_names is not None and len(labels) and labels.max() >= len(class_names):
-                raise ValueError(f"label {labels.max()} out of range for {len(class_names)} classes")
 
     def __len__(self) -> int:
         return len(self.images)
@@ -46,6 +37,23 @@ class ImageDataset:
     def image_size(self) -> int:
         """The side of the (square) images; use `images.shape` for non-square ones."""
         return self.images.shape[2]
+
+
+@dataclass(frozen=True)
+class ImageDataset(UInt8Images):
+    """Images (N, C, H, W) uint8 in memory, optional labels (N,) int64 and the names of their classes."""
+    labels: torch.Tensor | None = None
+    class_names: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        labels, class_names = self.labels, self.class_names
+        if labels is not None:
+            if labels.shape != (len(self.images),) or labels.dtype != torch.int64:
+                raise ValueError(f"labels must be int64 of shape ({len(self.images)},), got {labels.dtype} "
+                                 f"{tuple(labels.shape)}")
+            if class_names is not None and len(labels) and labels.max() >= len(class_names):
+                raise ValueError(f"label {labels.max()} out of range for {len(class_names)} classes")
 
     @property
     def num_classes(self) -> int:

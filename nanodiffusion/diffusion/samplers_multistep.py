@@ -1,8 +1,9 @@
-"""Multistep samplers: each step reuses denoiser outputs from earlier steps (LMS, PLMS, DPM-Solver++, UniPC).
+"""Multistep samplers: each step reuses denoiser outputs from earlier steps (LMS, PLMS, UniPC; DPM-Solver++
+is in samplers_dpmpp).
 
 Same conventions as samplers_onestep: x = x0 + sigma·eps, `model(x, sigma)` returns the clean estimate and
-`callback(i, x, denoised)` runs after step i. The exponential integrators (DPM-Solver++, UniPC) step in
-lambda = -log sigma, half the log signal-to-noise ratio (Lu et al. 2022).
+`callback(i, x, denoised)` runs after step i. UniPC, an exponential integrator, steps in lambda = -log sigma,
+half the log signal-to-noise ratio (Lu et al. 2022).
 """
 
 import math
@@ -10,7 +11,7 @@ import math
 import numpy as np
 import torch
 
-from nanodiffusion.diffusion.samplers_onestep import noise_like, report_step
+from nanodiffusion.diffusion.samplers_onestep import report_step, sigma_steps
 from nanodiffusion.errors import UserError
 
 # Adams-Bashforth weights for equal steps, newest value first (PLMS of Liu et al. 2022 uses all four)
@@ -54,79 +55,51 @@ def sample_lms(model, x, sigmas, *, order=4, generator=None, callback=None):
     return x
 
 
+def _eps_from_denoised(x, sigma, denoised):
+    return (x - denoised) / sigma
+
+
+def _v_from_denoised(x, sigma, denoised):
+    # v = sqrt(ᾱ)·eps - sqrt(1-ᾱ)·x0 with sqrt(ᾱ) = 1/sqrt(1+sigma²) and eps = (x - x0)/sigma
+    return (x / (1 + sigma**2) - denoised) * math.sqrt(1 + sigma**2) / sigma
+
+
+def _eps_from_v(x, sigma, v):
+    # eps = sqrt(ᾱ)·v + sqrt(1-ᾱ)·x_vp, with x_vp = x / sqrt(1+sigma²) (Salimans & Ho 2022, §4)
+    return (v + sigma * x / math.sqrt(1 + sigma**2)) / math.sqrt(1 + sigma**2)
+
+
+# What PLMS extrapolates, by the network's prediction type: (output from D, eps from output). x0-models
+# extrapolate eps too (diffusers' PNDMScheduler takes none).
+_EPS = (_eps_from_denoised, lambda x, sigma, eps: eps)
+PLMS_OUTPUTS = {"epsilon": _EPS, "sample": _EPS, "v_prediction": (_v_from_denoised, _eps_from_v)}
+
+
 @torch.no_grad()
-def sample_plms(model, x, sigmas, *, generator=None, callback=None):
+def sample_plms(model, x, sigmas, *, generator=None, callback=None, prediction="epsilon"):
     """Pseudo linear multistep (PLMS, Liu et al. 2022, §3), as SD's PNDMScheduler(skip_prk_steps=True).
 
     Adams-Bashforth with equal-step weights on eps = dx/dsigma; the paper's transfer part is the DDIM step,
     which in x = x0 + sigma·eps is x + (sigma' - sigma)·eps. Instead of the paper's Runge-Kutta start, the
     first step is CompVis' pseudo improved Euler (a Heun step in eps); later steps use up to 4 past eps.
+    `prediction="v_prediction"` extrapolates v instead, read as eps at the current x only after the
+    combination: what diffusers' PNDMScheduler does with a v-model's raw outputs (not the same steps).
     """
-    eps_history = []
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+    if prediction not in PLMS_OUTPUTS:
+        raise UserError(f"unknown prediction {prediction!r}; valid: {', '.join(PLMS_OUTPUTS)}")
+    output_of, eps_of = PLMS_OUTPUTS[prediction]
+    history = []
+    for i, sigma, sigma_next in sigma_steps(sigmas):
         denoised = model(x, sigma)
-        eps = (x - denoised) / sigma
-        eps_history = (eps_history + [eps])[-4:]
+        output = output_of(x, sigma, denoised)
+        history = (history + [output])[-4:]
         if i == 0 and len(sigmas) > 2:                   # no history yet: average with the slope at the end
-            x_euler = x + eps * (sigma_next - sigma)
-            eps_step = (eps + (x_euler - model(x_euler, sigma_next)) / sigma_next) / 2
+            x_euler = x + eps_of(x, sigma, output) * (sigma_next - sigma)
+            step = (output + output_of(x_euler, sigma_next, model(x_euler, sigma_next))) / 2
         else:
-            weights = ADAMS_BASHFORTH[len(eps_history)]
-            eps_step = sum(w * e for w, e in zip(weights, reversed(eps_history)))
-        x = x + eps_step * (sigma_next - sigma)
-        report_step(callback, i, x, denoised)
-    return x
-
-
-@torch.no_grad()
-def sample_dpmpp_2m(model, x, sigmas, *, generator=None, callback=None):
-    """DPM-Solver++(2M): multistep 2nd-order solver in lambda = -log sigma (Lu et al. 2022b, Algorithm 2)."""
-    old_denoised, h_last = None, None
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = model(x, sigma)
-        if sigma_next == 0:                                        # the exact solution at sigma = 0
-            x = denoised
-        else:
-            h = math.log(sigma / sigma_next)
-            d = denoised
-            if old_denoised is not None:                           # 2nd-order correction from the last step
-                r = h_last / h
-                d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
-            x = (sigma_next / sigma) * x - math.expm1(-h) * d
-            h_last = h
-        old_denoised = denoised
-        report_step(callback, i, x, denoised)
-    return x
-
-
-@torch.no_grad()
-def sample_dpmpp_2m_sde(model, x, sigmas, *, eta=1.0, generator=None, callback=None):
-    """DPM-Solver++(2M) on the reverse SDE (Lu et al. 2022b, "SDE-DPM-Solver++"; k-diffusion's midpoint form).
-
-    Per step h in lambda = -log sigma, x contracts by an extra e^{-eta·h} and fresh noise of std
-    sigma'·sqrt(1 - e^{-2·eta·h}) is added; eta = 0 is DPM-Solver++(2M). Noise is drawn in float32 as in
-    diffusers.
-    """
-    old_denoised, h_last = None, None
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = model(x, sigma)
-        if sigma_next == 0:
-            x = denoised
-        else:
-            h = math.log(sigma / sigma_next)
-            h_eta = h * (1 + eta)
-            x = (sigma_next / sigma) * math.exp(-eta * h) * x - math.expm1(-h_eta) * denoised
-            if old_denoised is not None:
-                r = h_last / h
-                x = x - 0.5 * math.expm1(-h_eta) / r * (denoised - old_denoised)
-            if eta > 0:
-                std = sigma_next * math.sqrt(-math.expm1(-2 * eta * h))
-                x = x + noise_like(x, generator, dtype=torch.float32) * std
-            h_last = h
-        old_denoised = denoised
+            weights = ADAMS_BASHFORTH[len(history)]
+            step = sum(w * o for w, o in zip(weights, reversed(history)))
+        x = x + eps_of(x, sigma, step) * (sigma_next - sigma)
         report_step(callback, i, x, denoised)
     return x
 

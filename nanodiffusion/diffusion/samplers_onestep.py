@@ -1,4 +1,4 @@
-"""One-step samplers: each step uses the current point only (Euler, Heun, DPM2, DDIM, DDPM, LCM and kin).
+"""One-step samplers: each step uses the current point only (Euler, Heun, DPM2, DDIM, DDPM, LCM, TCD and kin).
 
 Every sampler works on x = x0 + sigma·eps (k-diffusion's parametrisation) and returns x at sigmas[-1].
 Stochastic samplers draw one noise tensor shaped like x per step that adds noise, in the order diffusers'
@@ -11,35 +11,20 @@ from typing import Callable
 
 import torch
 
+from nanodiffusion.diffusion.sampler_noise import add_noise, ancestral_step, churn, noise_like, noise_source
 from nanodiffusion.diffusion.schedules import alphas_cumprod_to_sigmas, sigma_to_t
 from nanodiffusion.errors import UserError
 
 
-def noise_like(x: torch.Tensor, generator: torch.Generator | None,
-               dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Standard normal noise shaped like x, drawn on the generator's device then moved to x's.
-
-    The dtype defaults to x's, as diffusers' `randn_tensor(model_output.shape, dtype=model_output.dtype)`.
-    """
-    device = generator.device if generator is not None else x.device
-    noise = torch.randn(x.shape, generator=generator, dtype=dtype or x.dtype, device=device)
-    return noise.to(x.device, x.dtype)
+def sigma_steps(sigmas: torch.Tensor):
+    """(i, sigma_i, sigma_{i+1}) as Python floats for each step i of a grid."""
+    values = sigmas.tolist()
+    return ((i, values[i], values[i + 1]) for i in range(len(values) - 1))
 
 
 def report_step(callback: Callable | None, i: int, x: torch.Tensor, denoised: torch.Tensor) -> None:
     if callback is not None:
         callback(i, x, denoised)
-
-
-def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
-    """Split a step sigma -> sigma_next into a deterministic part to sigma_down and fresh noise sigma_up.
-
-    sigma_down² + sigma_up² = sigma_next² (k-diffusion's `get_ancestral_step`; eta=1 is DDPM-like).
-    """
-    if sigma_next == 0:
-        return 0.0, 0.0
-    sigma_up = min(sigma_next, eta * math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2))
-    return math.sqrt(sigma_next**2 - sigma_up**2), sigma_up
 
 
 def _midpoint_step(model, x, slope, sigma, sigma_next):
@@ -51,11 +36,25 @@ def _midpoint_step(model, x, slope, sigma, sigma_next):
     return x + slope_mid * (sigma_next - sigma)
 
 
+def heun_step(model, x: torch.Tensor, sigma: float, sigma_next: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of Heun's method on the probability-flow ODE; returns (x at sigma_next, D(x, sigma))."""
+    denoised = model(x, sigma)
+    slope = (x - denoised) / sigma
+    x_next = x + slope * (sigma_next - sigma)                      # Euler predictor
+    if sigma_next > 0:                                       # the last step stays Euler: D(x, 0) is undefined
+        slope_next = (x_next - model(x_next, sigma_next)) / sigma_next
+        x_next = x + (slope + slope_next) / 2 * (sigma_next - sigma)
+    return x_next, denoised
+
+
 @torch.no_grad()
-def sample_euler(model, x, sigmas, *, generator=None, callback=None):
-    """Euler's method on the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma (Karras eq. 4)."""
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+def sample_euler(model, x, sigmas, *, s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0,
+                 noise_sampler=None, generator=None, callback=None):
+    """Euler's method on the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma (Karras eq. 4); with
+    s_churn > 0, Karras et al.'s stochastic Algorithm 2 with Euler steps (k-diffusion's `sample_euler`)."""
+    noise = noise_source(x, generator, noise_sampler)
+    for i, sigma, sigma_next in sigma_steps(sigmas):
+        x, sigma = churn(x, sigma, noise, len(sigmas) - 1, s_churn, s_tmin, s_tmax, s_noise)
         denoised = model(x, sigma)
         x = x + (x - denoised) / sigma * (sigma_next - sigma)
         report_step(callback, i, x, denoised)
@@ -63,41 +62,40 @@ def sample_euler(model, x, sigmas, *, generator=None, callback=None):
 
 
 @torch.no_grad()
-def sample_euler_ancestral(model, x, sigmas, *, eta=1.0, generator=None, callback=None):
+def sample_euler_ancestral(model, x, sigmas, *, eta=1.0, s_noise=1.0, noise_sampler=None, generator=None,
+                           callback=None):
     """Euler step down to sigma_down, then fresh noise up to sigma_next (k-diffusion's
     `sample_euler_ancestral`)."""
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+    noise = noise_source(x, generator, noise_sampler)
+    for i, sigma, sigma_next in sigma_steps(sigmas):
         denoised = model(x, sigma)
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
         x = x + (x - denoised) / sigma * (sigma_down - sigma)
-        if sigma_up > 0:
-            x = x + noise_like(x, generator) * sigma_up
+        x = add_noise(x, noise, sigma, sigma_next, sigma_up * s_noise)
         report_step(callback, i, x, denoised)
     return x
 
 
 @torch.no_grad()
-def sample_heun(model, x, sigmas, *, generator=None, callback=None):
-    """Heun's 2nd-order method on the probability-flow ODE (Karras et al. 2022, Algorithm 1)."""
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = model(x, sigma)
-        slope = (x - denoised) / sigma
-        x_next = x + slope * (sigma_next - sigma)                  # Euler predictor
-        if sigma_next > 0:                                   # the last step stays Euler: D(x, 0) is undefined
-            slope_next = (x_next - model(x_next, sigma_next)) / sigma_next
-            x_next = x + (slope + slope_next) / 2 * (sigma_next - sigma)
-        x = x_next
+def sample_heun(model, x, sigmas, *, s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0,
+                noise_sampler=None, generator=None, callback=None):
+    """Heun's 2nd-order method on the probability-flow ODE (Karras et al. 2022, Algorithm 1; with s_churn > 0,
+    Algorithm 2)."""
+    noise = noise_source(x, generator, noise_sampler)
+    for i, sigma, sigma_next in sigma_steps(sigmas):
+        x, sigma = churn(x, sigma, noise, len(sigmas) - 1, s_churn, s_tmin, s_tmax, s_noise)
+        x, denoised = heun_step(model, x, sigma, sigma_next)
         report_step(callback, i, x, denoised)
     return x
 
 
 @torch.no_grad()
-def sample_dpm_2(model, x, sigmas, *, generator=None, callback=None):
+def sample_dpm_2(model, x, sigmas, *, s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0,
+                 noise_sampler=None, generator=None, callback=None):
     """DPM2: the midpoint method in log-sigma (k-diffusion's `sample_dpm_2`); a step to sigma = 0 is Euler."""
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+    noise = noise_source(x, generator, noise_sampler)
+    for i, sigma, sigma_next in sigma_steps(sigmas):
+        x, sigma = churn(x, sigma, noise, len(sigmas) - 1, s_churn, s_tmin, s_tmax, s_noise)
         denoised = model(x, sigma)
         slope = (x - denoised) / sigma
         if sigma_next == 0:
@@ -109,10 +107,11 @@ def sample_dpm_2(model, x, sigmas, *, generator=None, callback=None):
 
 
 @torch.no_grad()
-def sample_dpm_2_ancestral(model, x, sigmas, *, eta=1.0, generator=None, callback=None):
+def sample_dpm_2_ancestral(model, x, sigmas, *, eta=1.0, s_noise=1.0, noise_sampler=None, generator=None,
+                           callback=None):
     """DPM2 down to sigma_down, then fresh noise up to sigma_next (k-diffusion's `sample_dpm_2_ancestral`)."""
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+    noise = noise_source(x, generator, noise_sampler)
+    for i, sigma, sigma_next in sigma_steps(sigmas):
         denoised = model(x, sigma)
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
         slope = (x - denoised) / sigma
@@ -120,8 +119,7 @@ def sample_dpm_2_ancestral(model, x, sigmas, *, eta=1.0, generator=None, callbac
             x = x + slope * (sigma_down - sigma)
         else:
             x = _midpoint_step(model, x, slope, sigma, sigma_down)
-        if sigma_up > 0:
-            x = x + noise_like(x, generator) * sigma_up
+        x = add_noise(x, noise, sigma, sigma_next, sigma_up * s_noise)
         report_step(callback, i, x, denoised)
     return x
 
@@ -133,8 +131,7 @@ def sample_ddim(model, x, sigmas, *, eta=0.0, generator=None, callback=None):
     With ᾱ = 1/(1 + sigma²): x_prev = x0 + sqrt(1 - ᾱ' - s²)/sqrt(ᾱ')·eps + s/sqrt(ᾱ')·z, where
     s = eta·sqrt((1-ᾱ')/(1-ᾱ))·sqrt(1 - ᾱ/ᾱ') is the DDIM noise scale of eq. 16.
     """
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+    for i, sigma, sigma_next in sigma_steps(sigmas):
         denoised = model(x, sigma)
         eps = (x - denoised) / sigma
         a, a_next = 1 / (1 + sigma**2), 1 / (1 + sigma_next**2)
@@ -155,8 +152,7 @@ def sample_ddpm(model, x, sigmas, *, variance="beta_tilde", generator=None, call
     """
     if variance not in ("beta_tilde", "beta"):
         raise UserError(f"unknown DDPM variance {variance!r}; valid: beta_tilde, beta")
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+    for i, sigma, sigma_next in sigma_steps(sigmas):
         denoised = model(x, sigma)
         a, a_prev = 1 / (1 + sigma**2), 1 / (1 + sigma_next**2)
         beta = 1 - a / a_prev
@@ -172,39 +168,44 @@ def sample_ddpm(model, x, sigmas, *, variance="beta_tilde", generator=None, call
 
 
 @torch.no_grad()
-def sample_lcm(model, x, sigmas, *, generator=None, callback=None):
+def sample_lcm(model, x, sigmas, *, noise_sampler=None, generator=None, callback=None):
     """Multistep consistency sampling (Song et al. 2023, Algorithm 1), as Luo et al. 2023 sample LCMs.
 
     Jump to the clean estimate, then re-noise it to the next sigma: x' = D(x, sigma) + sigma'·z. `model`
-    should be a consistency function; wrap an LCM's denoiser with `lcm_boundary_condition` to match diffusers.
+    should be a consistency function: wrap an LCM's denoiser with `denoisers.lcm_boundary_condition` to
+    match diffusers.
     """
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+    noise = noise_source(x, generator, noise_sampler)
+    for i, sigma, sigma_next in sigma_steps(sigmas):
         denoised = model(x, sigma)
-        x = denoised
-        if sigma_next > 0:
-            x = x + noise_like(x, generator) * sigma_next
+        x = add_noise(denoised, noise, sigma, sigma_next, sigma_next)
         report_step(callback, i, x, denoised)
     return x
 
 
-def lcm_boundary_condition(model: Callable, alphas_cumprod: torch.Tensor, timestep_scaling: float = 10.0,
-                           sigma_data: float = 0.5) -> Callable:
-    """Return f(x, sigma) = c_skip(t)·x_vp + c_out(t)·D(x, sigma), LCM's consistency parametrisation.
+@torch.no_grad()
+def sample_tcd(model, x, sigmas, *, alphas_cumprod, eta=0.3, noise_sampler=None, generator=None,
+               callback=None):
+    """Strategic stochastic sampling of TCD (Zheng et al. 2024, §4.3; diffusers' TCDScheduler).
 
-    c_skip = σ_d²/((k·t)² + σ_d²) and c_out = k·t/sqrt((k·t)² + σ_d²) with k = timestep_scaling and x_vp =
-    x/sqrt(1 + sigma²) (Song et al. 2023, §3; diffusers' LCMScheduler). At SD's LCM timesteps (t >= 19)
-    c_skip < 7e-6 and 1 - c_out < 4e-6: the wrapper matters only for exact parity.
+    Each step jumps along the ODE to x_s = D + sigma_s·eps, sigma_s the noise level of training timestep
+    s = floor((1 - eta)·t(sigma')) in `alphas_cumprod`, then adds noise back up to sigma'. eta (the paper's
+    gamma) = 0 is deterministic (DDIM), eta = 1 is LCM's multistep sampling.
     """
-    table = alphas_cumprod_to_sigmas(alphas_cumprod.double())
+    if not 0 <= eta <= 1:
+        raise UserError(f"TCD's eta (gamma) must be in [0, 1], got {eta!r}")
+    table = alphas_cumprod_to_sigmas(alphas_cumprod.double())                      # (T,) increasing
+    noise = noise_source(x, generator, noise_sampler)
+    for i, sigma, sigma_next in sigma_steps(sigmas):
+        denoised = model(x, sigma)
+        sigma_s = 0.0
+        if sigma_next > 0:
+            # sigma_to_t is exact at the table's own sigmas, where TCD's timesteps lie (floor needs that)
+            t_next = float(sigma_to_t(torch.tensor(sigma_next, dtype=torch.float64), table))
+            s = math.floor((1 - eta) * t_next)
+            sigma_s = min(float(table[s]), sigma_next)
+        x = denoised + (x - denoised) * (sigma_s / sigma)
+        x = add_noise(x, noise, sigma, sigma_next, math.sqrt(sigma_next**2 - sigma_s**2))
+        report_step(callback, i, x, denoised)
+    return x
 
-    def consistency(x: torch.Tensor, sigma) -> torch.Tensor:
-        s = torch.as_tensor(sigma, dtype=torch.float64)
-        s = s.reshape(-1, *([1] * (x.ndim - 1)))                                  # (B or 1, 1, 1, 1)
-        scaled_t = sigma_to_t(s, table).double() * timestep_scaling
-        c_skip = sigma_data**2 / (scaled_t**2 + sigma_data**2)
-        c_out = scaled_t / (scaled_t**2 + sigma_data**2).sqrt()
-        x_vp = x / (1 + s**2).sqrt()
-        return (c_skip * x_vp + c_out * model(x, sigma)).to(x.dtype)
-
-    return consistency

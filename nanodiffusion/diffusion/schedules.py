@@ -164,3 +164,93 @@ def get_sigmas_exponential(n: int, sigma_min: float, sigma_max: float,
     check_num_steps(n)
     log_sigmas = torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64)
     return append_zero(log_sigmas.exp()).to(dtype)
+
+
+# --- A1111's sigma schedules (its modules/sd_schedulers.py), each a function of the (T,) increasing table ---
+
+def get_sigmas_normal(n: int, sigmas: torch.Tensor, sgm: bool = False) -> torch.Tensor:
+    """n sigmas at timesteps evenly spaced from T-1 down to 0, read from the table in log-sigma, then 0.
+
+    A1111's "Normal" and "Uniform" (k-diffusion's `get_sigmas(n)`); sgm=True spaces n + 1 timesteps and
+    leaves out t = 0, as Stability's SGM code (A1111's "SGM Uniform").
+    """
+    check_num_steps(n)
+    t = torch.linspace(len(sigmas) - 1, 0, n + 1 if sgm else n, dtype=torch.float64)
+    return append_zero(t_to_sigma(t[:n], sigmas))
+
+
+def get_sigmas_simple(n: int, sigmas: torch.Tensor) -> torch.Tensor:
+    """n table sigmas every T/n timesteps from the top, the index truncated to an integer, then 0 (A1111's and
+    ComfyUI's "Simple")."""
+    check_num_steps(n, len(sigmas))
+    stride = len(sigmas) / n
+    return append_zero(sigmas.double()[[len(sigmas) - 1 - int(i * stride) for i in range(n)]])
+
+
+def get_sigmas_ddim_uniform(n: int, sigmas: torch.Tensor) -> torch.Tensor:
+    """Table sigmas at DDIM's timesteps 1 + k·(T // n), k < n, highest first, then 0 (A1111's "DDIM",
+    ComfyUI's "ddim_uniform"). Both keep adding timesteps below T: when n does not divide T, more steps."""
+    check_num_steps(n)
+    if n >= len(sigmas):
+        raise UserError(f"the DDIM schedule takes at most {len(sigmas) - 1} steps, got {n}")
+    t = get_timesteps(n, len(sigmas), "leading", steps_offset=1).long()
+    return append_zero(sigmas.double()[t])
+
+
+def get_sigmas_beta(n: int, sigma_min: float, sigma_max: float, alpha: float = 0.6,
+                    beta: float = 0.6) -> torch.Tensor:
+    """Sigmas at the Beta(alpha, beta) quantiles of 1 - i/(n-1), mapped linearly onto [sigma_min, sigma_max],
+    then 0 (Lee et al. 2024, "Beta Sampling is All You Need"; A1111's "Beta" and its defaults 0.6, 0.6)."""
+    check_num_steps(n)
+    levels = 1 - torch.linspace(0, 1, n, dtype=torch.float64)
+    quantiles = torch.tensor([beta_quantile(float(p), alpha, beta) for p in levels], dtype=torch.float64)
+    return append_zero(sigma_min + quantiles * (sigma_max - sigma_min))
+
+
+# Align Your Steps' 10-step schedule for SD v1.5 (Sabour et al. 2024; NVIDIA's AYS how-to page)
+AYS_SD15_SIGMAS = (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029)
+
+
+def get_sigmas_align_your_steps(n: int) -> torch.Tensor:
+    """The 11 published SD v1.5 sigmas of Align Your Steps interpolated log-linearly to n points, then 0.
+
+    A1111's rule: n = 11 steps walks them as published (their 10 steps, then one more from 0.029 to 0).
+    """
+    check_num_steps(n)
+    published = torch.tensor(AYS_SD15_SIGMAS, dtype=torch.float64)
+    position = torch.linspace(0, len(published) - 1, n, dtype=torch.float64)
+    return append_zero(t_to_sigma(position, published))
+
+
+def beta_quantile(p: float, alpha: float, beta: float) -> float:
+    """The x in [0, 1] with I_x(alpha, beta) = p, the Beta distribution's quantile, by bisection to 1e-15."""
+    if not 0 < p < 1:
+        return float(p >= 1)
+    low, high = 0.0, 1.0
+    while high - low > 1e-15:
+        middle = (low + high) / 2
+        low, high = (middle, high) if _regularized_beta(middle, alpha, beta) < p else (low, middle)
+    return (low + high) / 2
+
+
+def _regularized_beta(x: float, a: float, b: float) -> float:
+    """I_x(a, b), the Beta(a, b) CDF, from its continued fraction (Abramowitz & Stegun 26.5.8) by Lentz's
+    method; the fraction converges fast below the mean, so above it we use I_x(a, b) = 1 - I_{1-x}(b, a)."""
+    if x <= 0 or x >= 1:
+        return float(x >= 1)
+    if x > (a + 1) / (a + b + 2):
+        return 1 - _regularized_beta(1 - x, b, a)
+    log_front = a * math.log(x) + b * math.log1p(-x) + math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+    tiny, f, c, d = 1e-300, 1.0, 1.0, 0.0
+    for i in range(1, 500):                    # f = 1 + d_1/(1 + d_2/(1 + ...)), with A&S's d_i
+        m = i // 2
+        if i % 2:
+            coefficient = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
+        else:
+            coefficient = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+        d = 1 / (1 + coefficient * d if abs(1 + coefficient * d) > tiny else tiny)
+        c = 1 + coefficient / c if abs(1 + coefficient / c) > tiny else tiny
+        f *= c * d
+        if abs(c * d - 1) < 1e-16:
+            break
+    return math.exp(log_front) / (a * f)

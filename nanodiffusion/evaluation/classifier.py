@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from nanodiffusion.config import JSONConfig
 from nanodiffusion.errors import UserError
-from nanodiffusion.training.checkpoint import load_checkpoint, prefixed, save_checkpoint, unprefixed
+from nanodiffusion.weights.checkpoint import load_checkpoint, prefixed, save_checkpoint, unprefixed
 
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "builtin" / "classifiers"
 BUILTIN_CLASSIFIERS = {                # data set name -> shipped weights, made by scripts/train_classifier.py

@@ -20,12 +20,12 @@ import torch
 from nanodiffusion.data.captions import CAPTIONED_CLASSES, class_prompt
 from nanodiffusion.data.datasets import load_dataset, resize_uint8
 from nanodiffusion.data.shapes import ShapesDataset, describe
+from nanodiffusion.diffusion.samplers import resolve_sampler
 from nanodiffusion.errors import UserError
 from nanodiffusion.evaluation.classifier import classifier_for_dataset
 from nanodiffusion.evaluation.evaluate import evaluate_images, real_sample, reference_set
 from nanodiffusion.evaluation.shapes_check import shapes_adherence
 from nanodiffusion.images import float_to_uint8, uint8_to_float
-from nanodiffusion.pipelines.scheduling import resolve_sampler
 
 SHAPE_SETS = {"shapes": 0.3, "relations": 1.0}    # prompt set -> fraction of scenes with two objects
 PROMPT_SETS = (*CAPTIONED_CLASSES, *SHAPE_SETS)

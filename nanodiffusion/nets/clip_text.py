@@ -87,12 +87,22 @@ class CLIPTextConfig(JSONConfig):
     def to_transformers_config(self) -> dict:
         """The `text_encoder/config.json` content from which transformers builds this CLIPTextModel."""
         values = {theirs: getattr(self, ours) for ours, theirs in _TRANSFORMERS_KEYS.items()}
-        return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **values}
+        # transformers 5 loads weights in the dtype a config declares, else in the file's: an fp16 file would
+        # come up fp16 beside diffusers' fp32 UNet and VAE ("mat1 and mat2 must have the same dtype")
+        return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "torch_dtype": "float32",
+                **values}
 
 
 SD15_TEXT = CLIPTextConfig()                # OpenAI's ViT-L/14 text tower, used by SD v1.x
 # CLIP's vocabulary, so the real tokenizer works with it; 32 wide like TINY_UNET's context.
 TINY_TEXT = CLIPTextConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+# OpenCLIP's ViT-H/14 text tower as SD 2.x reads it: the first 23 of its 24 layers (SD 2 conditions on the
+# penultimate layer, through the final LayerNorm), exact GELU, prompts padded with "!" (id 0) as open_clip.
+SD2_TEXT = CLIPTextConfig(hidden_size=1024, num_layers=23, num_heads=16, intermediate_size=4096,
+                          activation="gelu", pad_token_id=0)
+# Its tiny stand-in: 64-wide heads as in every CLIP tower, so its config can be inferred from shapes.
+TINY_SD2_TEXT = CLIPTextConfig(hidden_size=64, num_layers=2, num_heads=1, intermediate_size=128,
+                               activation="gelu", pad_token_id=0)
 
 
 class CLIPTextOutput(NamedTuple):

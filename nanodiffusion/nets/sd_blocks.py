@@ -5,6 +5,7 @@ Attribute names mirror the diffusers state-dict keys of SD v1.x (`resnets.0.conv
 the DDPM UNet (`nanodiffusion.nets.blocks`); upsampling here is the same map, run as a transposed conv.
 """
 
+import weakref
 from collections.abc import Mapping
 
 import torch
@@ -70,7 +71,7 @@ class Upsample(blocks.Upsample):
 
     def __init__(self, channels: int):
         super().__init__(channels)
-        self._kernel: tuple[tuple, torch.Tensor] | None = None          # (weight identity, kernel)
+        self._kernel: tuple | None = None               # (weak reference to the weight, its state, kernel)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         if tuple(size) != (2 * x.shape[-2], 2 * x.shape[-1]):
@@ -83,12 +84,13 @@ class Upsample(blocks.Upsample):
             return nearest_upsampling_kernel(weight)        # torch.compile traces the derivation instead
         memory_format = (torch.channels_last if x.is_contiguous(memory_format=torch.channels_last)
                          and not x.is_contiguous() else torch.contiguous_format)
-        key = (id(weight), weight.data_ptr(), weight._version, weight.dtype, weight.device, memory_format)
-        if self._kernel is None or self._kernel[0] != key:
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, memory_format)
+        # a weak reference, not id(): a weight swapped in later (LoRAs do) may reuse a freed one's id and memory
+        if self._kernel is None or self._kernel[0]() is not weight or self._kernel[1] != key:
             with torch.no_grad():
                 kernel = nearest_upsampling_kernel(weight).contiguous(memory_format=memory_format)
-            self._kernel = (key, kernel)
-        return self._kernel[1]
+            self._kernel = (weakref.ref(weight), key, kernel)
+        return self._kernel[2]
 
 
 # Devices whose scaled_dot_product_attention has fused kernels (flash / memory-efficient) that never hold the

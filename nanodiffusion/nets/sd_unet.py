@@ -1,10 +1,11 @@
-"""The Stable Diffusion v1.x UNet: latent eps prediction with text cross-attention (Rombach et al. 2022).
+"""The Stable Diffusion v1.x / 2.x UNet: latent eps (or v) prediction with text cross-attention (Rombach et
+al. 2022). SD 2.x differs only in options: linear projections, 64-wide heads, upcast attention.
 
 Submodule names mirror diffusers' `UNet2DConditionModel`, so a diffusers `unet/` folder loads with
 `load_state_dict(strict=True)` once its `config.json` is read by `SDUNetConfig.from_diffusers_config`.
 """
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -173,6 +174,14 @@ def _one_value(name: str, value):
 SD15_UNET = SDUNetConfig()
 TINY_UNET = SDUNetConfig(model_channels=32, channel_mult=(1, 2), attention_levels=(1,), num_heads=2,
                          context_dim=32, norm_groups=8, sample_size=8)
+# SD 2.x: 64-wide heads (so 5, 10, 20, 20 of them), linear projections, OpenCLIP ViT-H/14's 1024-wide text.
+# The 512-base models (SD-Turbo too) and the 768-v ones, whose config also upcasts attention (SD 2.1).
+SD2_UNET = SDUNetConfig(num_heads=(5, 10, 20, 20), context_dim=1024, linear_projection=True)
+SD2_V_UNET = SDUNetConfig(num_heads=(5, 10, 20, 20), context_dim=1024, linear_projection=True,
+                          upcast_attention=True, sample_size=96)
+# A tiny SD 2.x-style UNet: attention but at the last level, 64-wide heads per level, linear projections.
+TINY_SD2_UNET = SDUNetConfig(model_channels=64, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0,),
+                             num_heads=(1, 2), context_dim=64, linear_projection=True, sample_size=8)
 
 
 def _resnet(config: SDUNetConfig, in_channels: int, out_channels: int) -> ResnetBlock:
@@ -274,9 +283,23 @@ class UpBlock(nn.Module):
         return h
 
 
+def build_down_blocks(config: SDUNetConfig) -> tuple[nn.ModuleList, list[int]]:
+    """The encoder's down blocks, and the channels of every skip connection they (and conv_in) leave."""
+    levels = len(config.channel_mult)
+    blocks, skip_channels = nn.ModuleList(), [config.model_channels]
+    for level in range(levels):
+        add_downsample = level < levels - 1
+        blocks.append(DownBlock(skip_channels[-1], config, level, add_downsample=add_downsample))
+        skip_channels += [config.channels(level)] * (config.num_res_blocks + add_downsample)
+    return blocks, skip_channels
+
+
 class SDUNet(nn.Module):
     """`SDUNet(config)(x, t, context)` predicts the noise eps of latents `x` (B, C, h, w) at timesteps `t`
     ((B,) or scalar, float) given text embeddings `context` (B, L, context_dim).
+
+    A ControlNet's outputs (Zhang et al. 2023, eq. 4) are added to the skip connections (`down_residuals`,
+    one per skip) and to the middle block's output (`mid_residual`), as diffusers' UNet2DConditionModel does.
     """
 
     def __init__(self, config: SDUNetConfig):
@@ -286,13 +309,8 @@ class SDUNet(nn.Module):
         self.conv_in = nn.Conv2d(config.in_channels, config.model_channels, 3, padding=1)
         self.time_embedding = TimestepEmbedding(config.model_channels, 4 * config.model_channels)
 
-        channels, skip_channels = config.model_channels, [config.model_channels]
-        self.down_blocks = nn.ModuleList()
-        for level in range(levels):
-            add_downsample = level < levels - 1
-            self.down_blocks.append(DownBlock(channels, config, level, add_downsample=add_downsample))
-            channels = config.channels(level)
-            skip_channels += [channels] * (config.num_res_blocks + add_downsample)
+        self.down_blocks, skip_channels = build_down_blocks(config)
+        channels = skip_channels[-1]
         self.mid_block = MidBlock(config)
         self.up_blocks = nn.ModuleList()
         for level in reversed(range(levels)):
@@ -303,26 +321,41 @@ class SDUNet(nn.Module):
         self.conv_norm_out = nn.GroupNorm(config.norm_groups, config.model_channels, eps=config.norm_eps)
         self.conv_out = nn.Conv2d(config.model_channels, config.out_channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
-        batch = x.shape[0]
-        if x.ndim != 4 or x.shape[1] != self.config.in_channels:
-            raise ValueError(f"x must have shape (B, {self.config.in_channels}, h, w), got {tuple(x.shape)}")
-        if context.ndim != 3 or context.shape[0] != batch or context.shape[2] != self.config.context_dim:
-            raise ValueError(f"context must have shape ({batch}, L, {self.config.context_dim}), "
-                             f"got {tuple(context.shape)}")
-        t = torch.as_tensor(t, device=x.device)
-        if t.ndim > 1 or t.numel() not in (1, batch):
-            raise ValueError(f"t must be a scalar or have shape ({batch},), got {tuple(t.shape)}")
-        features = timestep_embedding(t.expand(batch), self.config.model_channels, cos_first=True,
-                                      freq_shift=0)                         # (B, model_channels)
-        # every resnet applies SiLU to the embedding before its projection: done once here
-        temb = F.silu(self.time_embedding(features.to(x.dtype)))            # (B, 4*model_channels)
-
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor,
+                down_residuals: Sequence[torch.Tensor] | None = None,
+                mid_residual: torch.Tensor | None = None) -> torch.Tensor:
+        temb = embed_inputs(self.config, self.time_embedding, x, t, context)
         h = self.conv_in(x)
         skips = [h]
         for block in self.down_blocks:
             h = block(h, temb, context, skips)
+        if down_residuals is not None:          # a ControlNet's residuals join the skip connections
+            if len(down_residuals) != len(skips):
+                raise ValueError(f"down_residuals must hold one tensor per skip connection ({len(skips)}), "
+                                 f"got {len(down_residuals)}")
+            skips = [skip + residual for skip, residual in zip(skips, down_residuals)]
         h = self.mid_block(h, temb, context)
+        if mid_residual is not None:
+            h = h + mid_residual
         for block in self.up_blocks:
             h = block(h, temb, context, skips)
         return self.conv_out(F.silu(self.conv_norm_out(h)))
+
+
+def embed_inputs(config: SDUNetConfig, time_embedding: TimestepEmbedding, x: torch.Tensor,
+                 t: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
+    """Check the shapes of a UNet (or ControlNet) input and return the SiLU-activated timestep embedding
+    (B, 4*model_channels) of `t` ((B,) or scalar)."""
+    batch = x.shape[0]
+    if x.ndim != 4 or x.shape[1] != config.in_channels:
+        raise ValueError(f"x must have shape (B, {config.in_channels}, h, w), got {tuple(x.shape)}")
+    if context.ndim != 3 or context.shape[0] != batch or context.shape[2] != config.context_dim:
+        raise ValueError(f"context must have shape ({batch}, L, {config.context_dim}), "
+                         f"got {tuple(context.shape)}")
+    t = torch.as_tensor(t, device=x.device)
+    if t.ndim > 1 or t.numel() not in (1, batch):
+        raise ValueError(f"t must be a scalar or have shape ({batch},), got {tuple(t.shape)}")
+    features = timestep_embedding(t.expand(batch), config.model_channels, cos_first=True,
+                                  freq_shift=0)                             # (B, model_channels)
+    # every resnet applies SiLU to the embedding before its projection: done once here
+    return F.silu(time_embedding(features.to(x.dtype)))                    # (B, 4*model_channels)

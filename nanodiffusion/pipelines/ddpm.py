@@ -1,25 +1,22 @@
 """Sampling a pixel-space DDPM model: wires a UNet, its schedule and a sampler; writes grids, GIFs, PNGs."""
 
-import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from nanodiffusion.diffusion.denoisers import Denoiser
-from nanodiffusion.diffusion.guidance import cfg_denoiser
-from nanodiffusion.diffusion.samplers import get_sampler
-from nanodiffusion.diffusion.schedules import (
-    ScheduleConfig, check_num_steps, get_alphas_cumprod, get_sigmas_from_timesteps, get_timesteps,
-)
+from nanodiffusion.diffusion.denoisers import Denoiser, cfg_denoiser
+from nanodiffusion.diffusion.sampler_options import schedule_inputs
+from nanodiffusion.diffusion.samplers import SAMPLERS, resolve_sampler
+from nanodiffusion.diffusion.sampling_plan import SchedulerSettings, final_latent, initial_noise_scale
+from nanodiffusion.diffusion.schedules import ScheduleConfig, check_num_steps
 from nanodiffusion.errors import UserError
-from nanodiffusion.images import image_grid, save_gif, save_png, to_pil
+from nanodiffusion.images import frame_steps, grid_shape, image_grid, save_gif, save_png, to_pil
 from nanodiffusion.nets.ddpm_unet import DDPMUNet, DDPMUNetConfig
-from nanodiffusion.training.checkpoint import load_checkpoint, save_checkpoint, unprefixed
+from nanodiffusion.weights.checkpoint import load_checkpoint, save_checkpoint, unprefixed
+from nanodiffusion.weights.models import model_path
 
-BUILTIN_DIR = Path(__file__).resolve().parent.parent / "builtin"
-BUILTIN_MODELS = {"fashion-mnist": BUILTIN_DIR / "fashion_mnist_ddpm.safetensors"}
 
 
 @dataclass
@@ -37,7 +34,9 @@ class DDPMPipeline:
         self.unet = unet.eval()
         self.schedule = schedule
         self.class_names = tuple(class_names) if class_names else None
-        self.denoiser = Denoiser(self._net, get_alphas_cumprod(schedule), prediction)
+        # the grids of text-to-image, under diffusers' defaults for what a ScheduleConfig does not say
+        self.scheduler = SchedulerSettings.from_schedule(schedule, prediction)
+        self.denoiser = Denoiser(self._net, self.scheduler.alphas_cumprod, prediction)
 
     def _net(self, x, t, class_labels=None):
         return self.unet(x, t, class_labels=class_labels)
@@ -45,7 +44,7 @@ class DDPMPipeline:
     @classmethod
     def from_pretrained(cls, path: str | Path = "fashion-mnist", *, use_ema: bool = True) -> "DDPMPipeline":
         """Load a checkpoint file written by training (its EMA weights by default) or a built-in model name."""
-        path = BUILTIN_MODELS.get(str(path), Path(path))
+        path = model_path(path)
         tensors, meta = load_checkpoint(path)
         if meta.get("kind") != "ddpm":
             raise UserError(f"{path} is not a DDPM model checkpoint (kind={meta.get('kind')!r})")
@@ -56,8 +55,7 @@ class DDPMPipeline:
 
     def save_pretrained(self, path: str | Path, *, dtype: torch.dtype = torch.float32, notes: dict | None = None) -> None:
         """Write a model-only checkpoint (the UNet's current weights and the config, no training state)."""
-        from nanodiffusion.training.ddpm_trainer import model_metadata
-        meta = model_metadata(self.unet.config, self.schedule, self.denoiser.prediction, class_names=self.class_names)
+        meta = model_metadata(self.unet.config, self.schedule, self.denoiser.prediction, self.class_names)
         if notes:
             meta["notes"] = notes
         tensors = {f"model.{k}": v.to(dtype) for k, v in self.unet.state_dict().items()}
@@ -99,32 +97,34 @@ class DDPMPipeline:
             raise UserError(f"the number of images must be >= 1, got {num_images}")
         if guidance_scale < 0:
             raise UserError(f"guidance scale must be >= 0, got {guidance_scale}")
-        sample_fn = get_sampler(sampler)
+        sampler = resolve_sampler(sampler)
         check_num_steps(num_steps, self.schedule.num_timesteps)
         if gif_frames > num_steps + 1:
             raise UserError(f"a GIF of the reverse process has at most steps + 1 = {num_steps + 1} frames, "
                             f"asked for {gif_frames}")
-        spacing = "leading" if num_steps < self.schedule.num_timesteps else "linspace"
-        sigmas = get_sigmas_from_timesteps(get_timesteps(num_steps, self.schedule.num_timesteps, spacing),
-                                           self.denoiser.sigmas).float()
+        sigmas = self.scheduler.sigmas(sampler, num_steps)
         class_labels = self.resolve_labels(num_images, labels)
         model = self._guided_model(class_labels, guidance_scale)
         generator = torch.Generator().manual_seed(seed)
         cfg = self.unet.config
         noise = torch.randn(num_images, cfg.in_channels, cfg.image_size, cfg.image_size, generator=generator)
-        x = noise * (1 + sigmas[0] ** 2).sqrt()           # x_T ~ N(0, I) in the network's VP scale
-        record = _frame_steps(num_steps, gif_frames)
-        frames = [(x / (1 + sigmas[0] ** 2).sqrt()).clamp(-1, 1)] if gif_frames else []
+        x = noise * initial_noise_scale(sampler, sigmas, spacing=self.scheduler.spacing)
+        # the first frame is x_T, the others follow gif_frames - 1 evenly spaced steps (the last one at least)
+        record = frame_steps(num_steps, gif_frames - 1) if gif_frames else set()
+        frames = [_vp(x, sigmas[0]).clamp(-1, 1)] if gif_frames else []
         bar = tqdm(total=num_steps, desc="sampling", disable=not progress, leave=False)
 
         def callback(i, x_i, denoised):
             bar.update(1)
             if i in record:
-                frames.append((x_i / (1 + sigmas[i + 1] ** 2).sqrt()).clamp(-1, 1))
+                frames.append(_vp(x_i, sigmas[i + 1]).clamp(-1, 1))
 
-        options = {"generator": generator} if "generator" in inspect.signature(sample_fn).parameters else {}
-        x = sample_fn(model, x, sigmas, callback=callback, **options, **sampler_options)
+        function = SAMPLERS[sampler].function
+        # TCD reads the timesteps, PLMS extrapolates the network's own output (diffusers' PNDMScheduler)
+        inputs = schedule_inputs(function, self.scheduler.alphas_cumprod, self.scheduler.prediction)
+        x = function(model, x, sigmas, generator=generator, callback=callback, **inputs, **sampler_options)
         bar.close()
+        x = final_latent(sampler, x, sigmas)
         return SampleResult(x.clamp(-1, 1), class_labels, frames)
 
     def _guided_model(self, class_labels, guidance_scale: float):
@@ -138,26 +138,27 @@ class DDPMPipeline:
         """Sample and save a near-square grid PNG (one row per class when sampling all classes)."""
         result = self(num_images, **kwargs)
         cols = self.num_classes if self.num_classes and num_images % self.num_classes == 0 else None
-        cols = cols or int(num_images**0.5 + 0.999)
-        rows = (num_images + cols - 1) // cols
-        save_png(image_grid(to_pil(result.images), rows, cols), path)
+        save_png(image_grid(to_pil(result.images), *grid_shape(num_images, cols)), path)
         return result
 
     def label_name(self, label: int) -> str:
         return self.class_names[label] if self.class_names else str(label)
 
 
-def _frame_steps(num_steps: int, gif_frames: int) -> set[int]:
-    """Step indices after which to record a frame: gif_frames - 1 of them, evenly spaced, the last one included."""
-    if gif_frames <= 1:
-        return {num_steps - 1} if gif_frames == 1 else set()
-    return {round((k + 1) * num_steps / (gif_frames - 1)) - 1 for k in range(gif_frames - 1)}
+def model_metadata(unet_config: DDPMUNetConfig, schedule: ScheduleConfig, prediction: str,
+                   class_names=None) -> dict:
+    """The JSON config stored with a model: what a sampler needs to rebuild and use it."""
+    return {"kind": "ddpm", "unet": unet_config.to_dict(), "schedule": schedule.to_dict(),
+            "prediction": prediction, "class_names": list(class_names) if class_names else None}
+
+
+def _vp(x: torch.Tensor, sigma) -> torch.Tensor:
+    """x = x0 + sigma·eps in the network's variance-preserving scale, where images live in [-1, 1]."""
+    return x / (1 + float(sigma) ** 2) ** 0.5
 
 
 def save_reverse_gif(frames: list, path: str | Path, *, cols: int | None = None, hold_last_ms: int = 2000) -> None:
     """Write the recorded reverse process as an animated GIF of image grids, holding the last frame."""
-    n = frames[0].shape[0]
-    cols = cols or int(n**0.5 + 0.999)
-    rows = (n + cols - 1) // cols
-    pictures = [image_grid(to_pil(f), rows, cols) for f in frames]
+    shape = grid_shape(frames[0].shape[0], cols)
+    pictures = [image_grid(to_pil(f), *shape) for f in frames]
     save_gif(pictures, path, hold_last_ms=hold_last_ms)

@@ -1,6 +1,6 @@
 """Image-to-image and inpainting inputs for the text-to-image pipeline: init images and masks, checked and
-brought to tensors. The diffusion side (where img2img starts, the inpainting denoiser) is
-`diffusion/editing.py`.
+brought to tensors. The diffusion side is `sampling_plan.img2img_sigmas` (where img2img starts) and
+`denoisers.inpainting_denoiser`.
 """
 
 from collections.abc import Sequence

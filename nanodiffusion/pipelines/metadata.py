@@ -10,34 +10,47 @@ The `nanodiffusion` chunk holds the GenerationRequest, the model and the dtype a
 `nanodiffusion generate --from IMAGE.png` to make the same image again, bit for bit on the same device.
 """
 
-import hashlib
 import json
-import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from nanodiffusion import __version__
-from nanodiffusion.atomic import atomic_write
+from nanodiffusion.diffusion.samplers import SAMPLERS, resolve_sampler
+from nanodiffusion.diffusion.sampling_plan import SIGMA_SCHEDULES
 from nanodiffusion.errors import UserError
 
 PARAMETERS_KEY = "parameters"
 SETTINGS_KEY = "nanodiffusion"
 SETTINGS_FORMAT = 1
-WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".bin", ".pt", ".pth")
-CACHE_ENV_VAR = "NANODIFFUSION_CACHE"        # folder of the model-hash cache (default ~/.cache/nanodiffusion)
 
-A1111_SAMPLER_NAMES = {             # our sampler name -> A1111's label
-    "ddpm": "DDPM", "ddim": "DDIM", "plms": "PLMS", "lms": "LMS", "euler": "Euler",
-    "euler_ancestral": "Euler a", "heun": "Heun", "dpm_2": "DPM2", "dpm_2_ancestral": "DPM2 a",
-    "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_sde": "DPM++ 2M SDE", "unipc": "UniPC", "lcm": "LCM",
-}
-A1111_SCHEDULE_NAMES = {"karras": "Karras", "exponential": "Exponential"}
+@dataclass(frozen=True)
+class ModelRecord:
+    """The model as the PNG text records it."""
+
+    argument: str                   # the model as given (--model): a built-in name, a path or a repo id
+    path: Path                      # where it was loaded from
+    hash: str | None                # A1111's "Model hash"
+    dtype: str                      # "fp32", "fp16" or "bf16"
+    device: str                     # device type: "cpu", "cuda"
+    vae_tile: int | None = None     # latent pixels per tile when the VAE decoded in tiles
+
+    @property
+    def name(self) -> str:
+        """A1111's "Model": the file's stem or the folder's name."""
+        return self.path.stem if self.path.is_file() else Path(self.argument).name
 
 
-def a1111_parameters(request, sampler: str, model_name: str | None, model_hash: str | None) -> str:
+def png_text(request, model: ModelRecord) -> dict[str, str]:
+    """Both text chunks of an image of `request` (one prompt, its seed filled in) made by `model`."""
+    return {PARAMETERS_KEY: a1111_parameters(request, model.name, model.hash),
+            SETTINGS_KEY: settings_json(request, model)}
+
+
+def a1111_parameters(request, model_name: str | None, model_hash: str | None) -> str:
     """A1111's infotext for one image of `request` (a GenerationRequest with one prompt and seed filled in).
 
-    `sampler` is our canonical sampler name. As A1111: no negative line when there is no negative prompt,
-    and values holding a comma, colon or newline are written as JSON strings.
+    As A1111: no negative line when there is no negative prompt, no schedule type for the sampler's own, and
+    values holding a comma, colon or newline are written as JSON strings.
     """
     lines = [request.prompts[0]]
     negative = request.negative_prompts[0]
@@ -45,8 +58,9 @@ def a1111_parameters(request, sampler: str, model_name: str | None, model_hash: 
         lines.append(f"Negative prompt: {negative}")
     settings = {
         "Steps": request.num_steps,
-        "Sampler": A1111_SAMPLER_NAMES.get(sampler, sampler),
-        "Schedule type": A1111_SCHEDULE_NAMES.get(request.sigma_schedule),
+        "Sampler": SAMPLERS[resolve_sampler(request.sampler)].a1111,
+        "Schedule type": SIGMA_SCHEDULES[request.sigma_schedule].a1111 if request.sigma_schedule != "default"
+        else None,
         "CFG scale": f"{request.guidance_scale:g}",
         "Seed": request.seed,
         "Size": f"{request.width}x{request.height}",
@@ -64,15 +78,14 @@ def _quote(value: str) -> str:
     return json.dumps(value, ensure_ascii=False) if any(c in value for c in ",:\n") else value
 
 
-def settings_json(request, *, model: str, model_hash: str | None, dtype: str, device: str,
-                  vae_tile: int | None = None) -> str:
+def settings_json(request, model: ModelRecord) -> str:
     """Our own text chunk: the request and what else decides the pixels (model, dtype, device, and the VAE
     tile size when the image was decoded in tiles)."""
-    run = {"model": model, "model_hash": model_hash, "dtype": dtype, "device": device}
-    if vae_tile is not None:
-        run["vae_tile"] = vae_tile
-    return json.dumps({"format": SETTINGS_FORMAT, "version": __version__, "request": request.to_dict(), **run},
-                      ensure_ascii=False)
+    run = {"model": model.argument, "model_hash": model.hash, "dtype": model.dtype, "device": model.device}
+    if model.vae_tile is not None:
+        run["vae_tile"] = model.vae_tile
+    return json.dumps({"format": SETTINGS_FORMAT, "version": __version__, "request": request.to_dict(),
+                       **run}, ensure_ascii=False)
 
 
 def read_settings(text: dict[str, str], source: str) -> dict:
@@ -88,58 +101,3 @@ def read_settings(text: dict[str, str], source: str) -> dict:
         raise UserError(f"{source}: unknown settings format {settings.get('format')!r}; "
                         f"this version reads format {SETTINGS_FORMAT}")
     return settings
-
-
-def weight_files(path: str | Path) -> list[Path]:
-    """The weight files of a model: the file itself, or a folder's weight files in sorted path order."""
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
-    if not files:
-        raise UserError(f"no weight files ({', '.join(WEIGHT_SUFFIXES)}) in {path}")
-    return files
-
-
-def model_hash(path: str | Path, *, cache: Path | None = None) -> str:
-    """A1111's "Model hash": the first 10 hex digits of the sha256 of the weights file.
-
-    For a diffusers folder, of the bytes of all its weight files, one after the other in sorted path order.
-    The digest is remembered in `cache` (default: hash_cache_path()) under the files' paths, sizes and
-    modification times, as A1111 does, so a 4 GB checkpoint is read once rather than on every run; a cache
-    that cannot be read or written is skipped.
-    """
-    files = weight_files(path)
-    cache = hash_cache_path() if cache is None else cache
-    stats = [(file.resolve(), file.stat()) for file in files]
-    key = "|".join(f"{path}:{stat.st_size}:{stat.st_mtime_ns}" for path, stat in stats)
-    known = _read_hash_cache(cache)
-    if key in known:
-        return known[key]
-    digest = hashlib.sha256()
-    for file in files:
-        with open(file, "rb") as stream:
-            while block := stream.read(1 << 20):
-                digest.update(block)
-    known[key] = digest.hexdigest()[:10]
-    try:
-        with atomic_write(cache) as stream:
-            stream.write(json.dumps(known, indent=0).encode("utf-8"))
-    except OSError:
-        pass                                            # a read-only home: hash again next time
-    return known[key]
-
-
-def hash_cache_path() -> Path:
-    """Where model hashes are remembered: $NANODIFFUSION_CACHE/model_hashes.json, else
-    ~/.cache/nanodiffusion/model_hashes.json."""
-    root = os.environ.get(CACHE_ENV_VAR) or Path.home() / ".cache" / "nanodiffusion"
-    return Path(root) / "model_hashes.json"
-
-
-def _read_hash_cache(cache: Path) -> dict[str, str]:
-    try:
-        known = json.loads(cache.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return known if isinstance(known, dict) else {}

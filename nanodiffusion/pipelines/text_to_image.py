@@ -8,142 +8,36 @@ stochastic samplers' step noise. diffusers' StableDiffusionPipeline draws the sa
 from one generator, so both give the same images (tests/test_pipeline_parity.py).
 """
 
-import json
+import functools
 import random
 import warnings
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from nanodiffusion.diffusion.denoisers import Denoiser
-from nanodiffusion.diffusion.editing import img2img_sigmas, inpainting_denoiser
-from nanodiffusion.diffusion.guidance import cfg_denoiser
-from nanodiffusion.diffusion.samplers import SAMPLERS, lcm_boundary_condition
-from nanodiffusion.diffusion.sampling_plan import SIGMA_SCHEDULES, final_latent, initial_noise_scale
-from nanodiffusion.diffusion.schedules import check_num_steps
+from nanodiffusion.adapters import LoRAAdapters, load_textual_inversion
+from nanodiffusion.diffusion.denoisers import (
+    Denoiser, cfg_denoiser, inpainting_denoiser, lcm_boundary_condition,
+)
+from nanodiffusion.diffusion.sampler_options import schedule_inputs
+from nanodiffusion.diffusion.samplers import SAMPLERS, resolve_sampler
+from nanodiffusion.diffusion.sampling_plan import (
+    SchedulerSettings, final_latent, img2img_sigmas, initial_noise_scale,
+)
 from nanodiffusion.errors import UserError
-from nanodiffusion.images import image_grid, to_pil
+from nanodiffusion.images import to_pil
 from nanodiffusion.nets.vae_tiling import decode_sliced, decode_tiled
 from nanodiffusion.pipelines.img2img import ImageInput, prepare_images, prepare_mask
 from nanodiffusion.pipelines.prompts import count_chunks, encode_prompts
-from nanodiffusion.pipelines.scheduling import DEFAULT_SAMPLER, SchedulerSettings, resolve_sampler
-from nanodiffusion.weights import file_pages, load_sd
+from nanodiffusion.pipelines.request import (
+    OUTPUT_TYPES, GenerationRequest, TextToImageOutput, check_generation_defaults, read_generation_defaults,
+)
+from nanodiffusion.weights import file_pages, load_sd, load_vae
 from nanodiffusion.weights.components import SD15_SCHEDULER, resolve_dtype
-
-__all__ = ["TextToImage", "GenerationRequest", "TextToImageOutput", "image_grid", "resolve_sampler"]
-
-BUILTIN_MODELS = {"builtin": Path(__file__).resolve().parent.parent / "builtin" / "text_to_image"}
-OUTPUT_TYPES = ("pil", "np", "latent")
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """The settings of one generation: with the model and the dtype they decide the images exactly.
-
-    `nanodiffusion generate` stores it as JSON in each PNG, so that `--from` can replay it.
-    """
-
-    prompt: str | list[str]
-    negative_prompt: str | list[str] | None = None
-    num_steps: int = 50
-    guidance_scale: float = 7.5          # classifier-free guidance w; 1: none, 0: unconditional
-    seed: int | None = None              # None: a random seed, recorded in the output
-    height: int | None = None            # None: the init image's size, else the model's (512 for SD v1.x)
-    width: int | None = None
-    num_images_per_prompt: int = 1
-    sampler: str = DEFAULT_SAMPLER       # a key of SAMPLERS or an alias (scheduling.SAMPLER_ALIASES)
-    sigma_schedule: str = "default"      # "default" (the scheduler's timesteps), "karras" or "exponential"
-    strength: float = 0.8                # img2img and inpainting only: the fraction of the steps run
-    clip_skip: int = 1                   # 2: the penultimate CLIP layer (A1111's "Clip skip")
-    emphasis: bool = True                # read A1111's (word:1.3) / [word] syntax in prompts
-
-    def __post_init__(self):
-        prompts = self.prompts
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise UserError("prompt must be a string or a non-empty list of strings")
-        negative = self.negative_prompt
-        if isinstance(negative, (list, tuple)) and len(negative) != len(prompts):
-            raise UserError(f"got {len(prompts)} prompts but {len(negative)} negative prompts: pass one "
-                            "negative prompt for all, or one per prompt")
-        check_num_steps(self.num_steps)
-        if not self.guidance_scale >= 0:
-            raise UserError(f"guidance scale must be >= 0, got {self.guidance_scale}")
-        for name in ("height", "width"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 8 or value % 8):
-                raise UserError(f"{name} must be a positive multiple of 8, got {value!r}")
-        if not isinstance(self.num_images_per_prompt, int) or self.num_images_per_prompt < 1:
-            raise UserError(f"num_images_per_prompt must be >= 1, got {self.num_images_per_prompt!r}")
-        resolve_sampler(self.sampler)
-        if self.sigma_schedule not in SIGMA_SCHEDULES:
-            raise UserError(f"unknown sigma schedule {self.sigma_schedule!r}; "
-                            f"valid: {', '.join(SIGMA_SCHEDULES)}")
-        if not 0 <= self.strength <= 1:
-            raise UserError(f"strength must be between 0 and 1, got {self.strength}")
-        if not isinstance(self.clip_skip, int) or self.clip_skip < 1:
-            raise UserError(f"clip_skip must be an integer >= 1, got {self.clip_skip!r}")
-
-    @property
-    def prompts(self) -> list[str]:
-        """The prompt(s) as a list."""
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
-
-    @property
-    def negative_prompts(self) -> list[str]:
-        """One negative prompt per prompt ("" when there is none)."""
-        negative = self.negative_prompt
-        if negative is None or isinstance(negative, str):
-            return [negative or ""] * len(self.prompts)
-        return list(negative)
-
-    def to_dict(self) -> dict:
-        """The fields as a JSON-ready dict."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "GenerationRequest":
-        """Inverse of `to_dict`; unknown keys are a UserError."""
-        unknown = set(data) - {field.name for field in fields(cls)}
-        if unknown:
-            raise UserError(f"unknown generation settings: {', '.join(sorted(unknown))}")
-        return cls(**data)
-
-
-@dataclass
-class TextToImageOutput:
-    """What a pipeline call returns: the images and the request as it ran."""
-
-    images: list | np.ndarray | torch.Tensor    # PIL images, (N, H, W, 3) floats in [0, 1], or latents
-    request: GenerationRequest                  # as run: seed, height and width filled in
-
-
-# A model folder may hold the generation settings its makers measured best for it (the built-in model's
-# guidance, sampler and steps); they replace GenerationRequest's SD defaults where a call gives none.
-# diffusers ignores the file.
-GENERATION_DEFAULTS_FILE = "generation_defaults.json"
-DEFAULTABLE_SETTINGS = ("num_steps", "guidance_scale", "sampler", "sigma_schedule")
-
-
-def read_generation_defaults(folder: str | Path) -> dict:
-    """The settings in `folder/generation_defaults.json` ({} when there is none); a UserError if malformed."""
-    path = Path(folder) / GENERATION_DEFAULTS_FILE
-    if not path.is_file():
-        return {}
-    try:
-        defaults = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise UserError(f"cannot read {path}: {error}") from error
-    return check_generation_defaults(defaults, str(path))
-
-
-def check_generation_defaults(defaults: dict, where: str = "generation defaults") -> dict:
-    if not isinstance(defaults, dict) or set(defaults) - set(DEFAULTABLE_SETTINGS):
-        raise UserError(f"{where}: expected a JSON object with keys among {', '.join(DEFAULTABLE_SETTINGS)}")
-    GenerationRequest("", **defaults)                   # the same checks as a request's
-    return dict(defaults)
+from nanodiffusion.weights.families import FAMILY_DEFAULTS, detect_family
+from nanodiffusion.weights.models import model_path
 
 
 class TextToImage:
@@ -183,31 +77,33 @@ class TextToImage:
     @classmethod
     def from_pretrained(cls, path_or_repo: str | Path, *, dtype: torch.dtype | str = torch.float32,
                         device: str | torch.device = "cpu", tokenizer=None,
-                        memory_format: torch.memory_format | None = None) -> "TextToImage":
-        """Load a diffusers folder, a single-file checkpoint or a Hugging Face repo id (`load_sd`). A single
-        file holds no tokenizer: an SD v1.x one gets CLIP's (`CLIPTokenizer.clip()`), others need `tokenizer=`
-        (`CLIPTokenizer.from_pretrained(folder)`).
+                        memory_format: torch.memory_format | None = None, vae=None) -> "TextToImage":
+        """Load a diffusers folder, a single-file checkpoint, a Hugging Face repo id or a built-in model name
+        ("builtin": `weights.models.model_path`). A single file holds no tokenizer: an SD v1.x one gets CLIP's
+        (`CLIPTokenizer.clip()`), others need `tokenizer=` (`CLIPTokenizer.from_pretrained(folder)`). `vae`
+        replaces the model's autoencoder: a module or an autoencoder folder (`weights.load_vae`: TAESD's
+        AutoencoderTiny, or an AutoencoderKL).
 
         `memory_format` lays the UNet's and VAE's conv weights out (see `to`); None picks channels_last for
         bf16 on a CPU (measured faster there for both networks: benchmarks/README.md) and leaves the rest.
         """
-        if str(path_or_repo) in BUILTIN_MODELS:
-            path_or_repo = BUILTIN_MODELS[str(path_or_repo)]
-            if not path_or_repo.exists():
-                raise UserError("the built-in text-to-image model is not shipped yet: pass a diffusers "
-                                "folder, a checkpoint file or a Hugging Face repo id")
+        path = model_path(path_or_repo)
         if memory_format is None:
             on_cpu = torch.device(device).type == "cpu"
             memory_format = torch.channels_last if on_cpu and resolve_dtype(dtype) == torch.bfloat16 \
                 else torch.preserve_format
         # conv weights are laid out while loading: one copy each, even when the dtype changes too
-        parts = load_sd(path_or_repo, dtype=dtype, device=device, tokenizer=tokenizer,
+        parts = load_sd(path, dtype=dtype, device=device, tokenizer=tokenizer,
                         memory_format=memory_format)
         if parts.tokenizer is None:
-            raise UserError(f"{path_or_repo} holds no tokenizer and its text encoder is not CLIP's (SD v1.x's): "
-                            "pass tokenizer=CLIPTokenizer.from_pretrained(the model's tokenizer folder)")
-        folder = Path(path_or_repo) if Path(path_or_repo).is_dir() else None
-        defaults = read_generation_defaults(folder) if folder else {}
+            raise UserError(f"{path_or_repo} holds no tokenizer and its text encoder is not CLIP's (SD v1.x's):"
+                            " pass tokenizer=CLIPTokenizer.from_pretrained(the model's tokenizer folder)")
+        if vae is not None:
+            parts.vae = vae if isinstance(vae, torch.nn.Module) else load_vae(
+                vae, dtype=dtype, device=device, memory_format=memory_format)
+        # the model family's settings (SD-Turbo: 1 step, no guidance), then the folder's own file
+        defaults = {**FAMILY_DEFAULTS[detect_family(parts.text_encoder.config, parts.scheduler_config)],
+                    **(read_generation_defaults(path) if path.is_dir() else {})}
         return cls(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.scheduler_config,
                    generation_defaults=defaults)
 
@@ -281,10 +177,8 @@ class TextToImage:
             if "num_steps" in settings:
                 raise UserError("pass num_steps or num_inference_steps, not both")
             settings["num_steps"] = num_inference_steps
-        unknown = set(settings) - {field.name for field in fields(GenerationRequest)}
-        if unknown:
-            raise UserError(f"unknown generation settings: {', '.join(sorted(unknown))}")
-        request = GenerationRequest(prompt, negative_prompt, **{**self.generation_defaults, **settings})
+        request = GenerationRequest.from_settings(prompt, negative_prompt,
+                                                  **{**self.generation_defaults, **settings})
         return self.generate(request, generator=generator, latents=latents, image=image,
                              mask_image=mask_image, output_type=output_type, callback=callback)
 
@@ -360,14 +254,14 @@ class TextToImage:
 
     def _guided_denoiser(self, request: GenerationRequest):
         """D(x, sigma) for the whole batch: each prompt repeated per image, classifier-free guidance as one
-        batched UNet call (none at guidance 1)."""
-        guided = request.guidance_scale != 1
+        batched UNet call; none at guidance <= 1 (diffusers' rule, so SD-Turbo's guidance 0 is one call)."""
+        guided = request.guidance_scale > 1
         cond, uncond = self.encode_prompt(request.prompts, request.negative_prompts if guided else None,
                                           clip_skip=request.clip_skip, emphasis=request.emphasis)
         n = request.num_images_per_prompt
         cond = {"context": cond.repeat_interleave(n, dim=0)}                     # (N, 77·K, D)
         uncond = {"context": uncond.repeat_interleave(n, dim=0)} if guided else None
-        model = cfg_denoiser(self.denoiser, cond, uncond, request.guidance_scale)
+        model = cfg_denoiser(self.denoiser, cond, uncond, request.guidance_scale if guided else 1.0)
         if resolve_sampler(request.sampler) == "lcm":
             model = lcm_boundary_condition(model, self.schedule.alphas_cumprod)
         return model
@@ -390,9 +284,13 @@ class TextToImage:
         """Scaled latents of the init images, one posterior draw each, repeated for each output image."""
         vae_dtype = next(self.vae.parameters()).dtype
         posterior = self.vae.encode(images.to(self.device, vae_dtype))
-        # posterior.sample(generator) would draw on the VAE's device; we draw on the generator's (portable)
-        draw = torch.randn(posterior.mean.shape, generator=generator, device=generator.device)
-        latents = (posterior.mean + posterior.std * draw.to(self.device, vae_dtype)).float()
+        if isinstance(posterior, torch.Tensor):            # TAESD's encoder is deterministic: no draw
+            latents = posterior.float()
+        else:
+            # posterior.sample(generator) would draw on the VAE's device; we draw on the generator's
+            # (portable)
+            draw = torch.randn(posterior.mean.shape, generator=generator, device=generator.device)
+            latents = (posterior.mean + posterior.std * draw.to(self.device, vae_dtype)).float()
         latents = latents * self.vae.config.scaling_factor
         return latents.repeat_interleave(self._latent_shape(request)[0] // len(latents), dim=0)
 
@@ -404,7 +302,10 @@ class TextToImage:
             if callback is not None:
                 callback(i, x_i, denoised)
 
-        x = SAMPLERS[sampler](model, x, sigmas, generator=generator, callback=step)
+        function = SAMPLERS[sampler].function
+        # TCD reads the timesteps, PLMS extrapolates the network's own output (diffusers' PNDMScheduler)
+        inputs = schedule_inputs(function, self.schedule.alphas_cumprod, self.schedule.prediction)
+        x = function(model, x, sigmas, generator=generator, callback=step, **inputs)
         bar.close()
         return x
 
@@ -444,3 +345,34 @@ class TextToImage:
         if output_type == "np":
             return (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()     # (N, H, W, 3)
         return to_pil(images)
+
+    # LoRA and textual inversion (nanodiffusion/adapters), under diffusers' method names.
+    @functools.cached_property
+    def lora(self) -> LoRAAdapters:
+        """The LoRAs loaded into the UNet and the text encoder (see adapters/lora.py)."""
+        return LoRAAdapters({"unet": self.unet, "text_encoder": self.text_encoder})
+
+    def load_lora_weights(self, path: str | Path, adapter_name: str | None = None) -> str:
+        """Load a LoRA file (kohya/A1111 or diffusers/PEFT) as the one active adapter; returns its name."""
+        return self.lora.load_lora_weights(path, adapter_name)
+
+    def set_adapters(self, adapter_names: str | list[str],
+                     adapter_weights: float | list[float] | None = None) -> None:
+        """Make exactly these loaded LoRAs active, each with its weight."""
+        self.lora.set_adapters(adapter_names, adapter_weights)
+
+    def fuse_lora(self, lora_scale: float = 1.0) -> None:
+        """Fix the active LoRAs into the weights, times `lora_scale`."""
+        self.lora.fuse_lora(lora_scale)
+
+    def unfuse_lora(self) -> None:
+        """Undo fuse_lora: the active LoRAs at their own weights."""
+        self.lora.unfuse_lora()
+
+    def unload_lora_weights(self) -> None:
+        """Forget every LoRA: the original weights come back exactly (the fused ones stay after fuse_lora)."""
+        self.lora.unload_lora_weights()
+
+    def load_textual_inversion(self, path: str | Path, token: str | None = None) -> str:
+        """Add a textual-inversion embedding to the tokenizer and text encoder; returns its prompt token."""
+        return load_textual_inversion(self.text_encoder, self.tokenizer, path, token)

@@ -1,192 +1,145 @@
-"""The web server: AUTOMATIC1111's API (`/sdapi/v1/...`), our small job API (`/api/jobs`) and the web page.
+"""The web server: AUTOMATIC1111's API (`/sdapi/v1/...`, `a1111_routes.py`), our small job API (`/api/jobs`)
+and the web page.
 
-`create_app(pipe, model)` builds the FastAPI app around a TextToImage pipeline; `nanodiffusion serve` runs it
-with uvicorn. Generations run one at a time on the job queue's worker thread (`jobs.py`), never in the event
-loop, so progress, cancel and the page answer while an image is being made. OpenAPI: `/openapi.json`, `/docs`.
+`create_app(pipe, model, settings)` builds the FastAPI app around a TextToImage pipeline; `nanodiffusion
+serve` runs it with uvicorn. Generations run one at a time on the job queue's worker thread (`jobs.py`),
+never in the event loop, so progress, cancel and the page answer while an image is being made. API docs:
+`/docs` (a page of our own, offline) and `/openapi.json`.
 """
 
 import asyncio
-import base64
-import functools
-import json
-import random
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from nanodiffusion import __version__
 from nanodiffusion.errors import UserError
-from nanodiffusion.server import a1111
-from nanodiffusion.server.a1111 import Txt2ImgRequest
-from nanodiffusion.server.generation import ServedModel, run_job
-from nanodiffusion.server.jobs import FAILED, Job, JobQueue, QueueFull
+from nanodiffusion.pipelines.metadata import ModelRecord
+from nanodiffusion.server.a1111 import Img2ImgRequest, Txt2ImgRequest
+from nanodiffusion.server.a1111_routes import IMG2IMG_PATH, PNG_INFO_PATH, add_a1111_routes, prepare_edits
+from nanodiffusion.server.guards import Guard
+from nanodiffusion.server.models import ModelRegistry
+from nanodiffusion.server.service import (
+    AsciiJSONResponse, ModelLoading, Service, ServerSettings, image_filename, queue_or_429, user_error,
+)
 
 STATIC = Path(__file__).resolve().parent / "static"
-MAX_BODY_BYTES = 1 << 20            # prompts are at most 10 000 characters: a real body is a few KB
+IMG2IMG_JOBS_PATH = "/api/jobs/img2img"
 
 
-class AsciiJSONResponse(JSONResponse):
-    """JSON with every non-ASCII character escaped, so that text which is not valid Unicode (an unpaired
-    surrogate, which JSON can carry as "\\ud83d") is still answered instead of failing to encode."""
-
-    def render(self, content) -> bytes:
-        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
-
-
-def create_app(pipe, model: ServedModel, *, queue_size: int = 8,
-               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
-    """The app serving `pipe` (a TextToImage, or anything with its `generate(request, callback=)`, `sigmas`
-    and `native_size`); at most `queue_size` jobs wait besides the running one, more get 429."""
-    queue = JobQueue(functools.partial(run_job, pipe, model), max_waiting=queue_size)
+def create_app(pipe, model: ModelRecord, settings: ServerSettings = ServerSettings(), *,
+               registry: ModelRegistry | None = None) -> FastAPI:
+    """The app serving `pipe` (a TextToImage, or anything with its `generate(request, callback=)`, `sigmas`,
+    `native_size` and `generation_defaults`), or the models of `registry` when given."""
+    service = Service(registry or ModelRegistry(pipe, model), settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        queue.start()
+        service.queue.start()
         yield
-        await asyncio.to_thread(queue.stop)
+        await asyncio.to_thread(service.queue.stop)
 
-    app = FastAPI(title="nanodiffusion", version=__version__, lifespan=lifespan,
-                  default_response_class=AsciiJSONResponse,
+    app = FastAPI(title="nanodiffusion", version=__version__, lifespan=lifespan, docs_url=None,
+                  redoc_url=None, default_response_class=AsciiJSONResponse,
                   description="Text-to-image with Stable Diffusion v1.x: AUTOMATIC1111's API and a job API.")
-    app.state.queue = queue
-    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.state.service = service
+    app.add_middleware(Guard, max_bytes=settings.max_body_bytes, max_upload_bytes=settings.max_upload_bytes,
+                       upload_paths=frozenset((IMG2IMG_PATH, PNG_INFO_PATH, IMG2IMG_JOBS_PATH)),
+                       allowed_hosts=settings.allowed_hosts, api_key=settings.api_key)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(ModelLoading, _loading)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.get("/", include_in_schema=False)(lambda: FileResponse(STATIC / "index.html"))
-    _add_a1111_routes(app, queue, pipe, model)
-    _add_job_routes(app, queue, pipe, model)
+    app.get("/docs", include_in_schema=False)(lambda: FileResponse(STATIC / "docs.html"))
+    app.get("/favicon.ico", include_in_schema=False)(
+        lambda: FileResponse(STATIC / "favicon.svg", media_type="image/svg+xml"))
+    add_a1111_routes(app, service)
+    _add_job_routes(app, service)
     return app
 
 
-def _add_a1111_routes(app: FastAPI, queue: JobQueue, pipe, model: ServedModel) -> None:
-    @app.post("/sdapi/v1/txt2img", tags=["a1111"])
-    async def txt2img(body: Txt2ImgRequest):
-        """Generate batch_size × n_iter images and wait for them; image k has seed + k."""
-        job = _submit(queue, pipe, body)
-        if isinstance(job, Response):
-            return job
-        try:
-            await _finished(job)
-        except asyncio.CancelledError:
-            queue.cancel(job)
-            raise
-        if job.state == FAILED:
-            return AsciiJSONResponse({"error": "generation failed", "detail": job.error}, status_code=500)
-        info = a1111.txt2img_info(body, job.images, model, interrupted=job.cancel_requested)
-        return {"images": [base64.b64encode(image.png).decode("ascii") for image in job.images],
-                "parameters": body.model_dump(), "info": _json(info)}
+def _add_job_routes(app: FastAPI, service: Service) -> None:
+    queue = service.queue
 
-    @app.get("/sdapi/v1/progress", tags=["a1111"])
-    async def progress(skip_current_image: bool = False):     # A1111's parameter; we send no previews
-        return a1111.progress(queue.current, queue.num_waiting)
-
-    @app.post("/sdapi/v1/interrupt", tags=["a1111"])
-    async def interrupt():
-        """Stop the running job at its next step (its txt2img call answers with the images finished)."""
-        if queue.current is not None:
-            queue.cancel(queue.current)
-        return {}
-
-    app.get("/sdapi/v1/samplers", tags=["a1111"])(a1111.samplers)
-    app.get("/sdapi/v1/schedulers", tags=["a1111"])(a1111.schedulers)
-    app.get("/sdapi/v1/sd-models", tags=["a1111"])(lambda: a1111.sd_models(model))
-    app.get("/sdapi/v1/options", tags=["a1111"])(
-        lambda: {"sd_model_checkpoint": a1111.sd_models(model)[0]["title"], "CLIP_stop_at_last_layers": 1,
-                 "samples_format": "png"})
-
-
-def _add_job_routes(app: FastAPI, queue: JobQueue, pipe, model: ServedModel) -> None:
     @app.get("/api/info", tags=["jobs"])
     async def info():
-        """The model, its native size, and the limits the page needs."""
+        """The model, its native size and defaults, and the limits the page needs."""
+        pipe, model, limits = service.pipe(), service.registry.served, service.settings.limits
+        request = Txt2ImgRequest().generation_request(0, service.defaults(), pipe.native_size)
         return {"model": model.name, "model_hash": model.hash, "dtype": model.dtype, "device": model.device,
-                "native_size": pipe.native_size, "max_size": a1111.MAX_SIZE, "max_steps": a1111.MAX_STEPS,
-                "max_images": a1111.MAX_IMAGES_PER_BATCH, "queue_size": queue.max_waiting,
-                "version": __version__}
+                "native_size": pipe.native_size, "max_size": limits.max_size, "max_steps": limits.max_steps,
+                "max_images": limits.max_batch_size, "max_job_cost": limits.max_job_cost,
+                "queue_size": queue.max_waiting, "version": __version__,
+                "defaults": {"steps": request.num_steps, "cfg_scale": request.guidance_scale,
+                             "sampler": request.sampler, "schedule": request.sigma_schedule,
+                             "denoising_strength": request.strength}}
+
+    async def submit(body, edits=None):
+        try:
+            job = service.make_job(body, edits)
+        except UserError as error:
+            return AsciiJSONResponse(user_error(error), status_code=422)
+        return queue_or_429(service, job) or AsciiJSONResponse(service.job_json(job), status_code=202)
 
     @app.post("/api/jobs", status_code=202, tags=["jobs"])
-    async def submit(body: Txt2ImgRequest):
+    async def submit_txt2img(body: Txt2ImgRequest):
         """Queue a generation (the txt2img body); poll GET /api/jobs/{id} for progress and images."""
-        job = _submit(queue, pipe, body)
-        return job if isinstance(job, Response) else _job_json(job, queue)
+        return await submit(body)
+
+    @app.post(IMG2IMG_JOBS_PATH, status_code=202, tags=["jobs"])
+    async def submit_img2img(body: Img2ImgRequest):
+        """Queue an img2img or inpainting job (the img2img body)."""
+        edits = await prepare_edits(service, body)
+        return edits if isinstance(edits, Response) else await submit(body, edits)
+
+    _add_job_result_routes(app, service)
+
+
+def _add_job_result_routes(app: FastAPI, service: Service) -> None:
+    queue = service.queue
 
     @app.get("/api/jobs/{job_id}", tags=["jobs"])
     async def status(job_id: str):
         job = queue.get(job_id)
-        return _job_json(job, queue) if job else _not_found(job_id)
+        return service.job_json(job) if job else AsciiJSONResponse(service.not_found(job_id), 404)
 
     @app.delete("/api/jobs/{job_id}", tags=["jobs"])
     async def cancel(job_id: str):
-        """Cancel: a waiting job at once, the running one at its next step."""
+        """Cancel: a waiting job at once, the running one within a layer of its networks."""
         job = queue.get(job_id)
         if job is None:
-            return _not_found(job_id)
+            return AsciiJSONResponse(service.not_found(job_id), 404)
         queue.cancel(job)
-        return _job_json(job, queue)
+        return service.job_json(job)
 
     @app.get("/api/jobs/{job_id}/images/{index}.png", tags=["jobs"], response_class=Response)
     async def image(job_id: str, index: int):
         job = queue.get(job_id)
         if job is None or not 0 <= index < len(job.images):
-            return _not_found(f"{job_id}/images/{index}.png")
-        name = f"{index:05d}-{job.images[index].seed}.png"
+            return AsciiJSONResponse(service.not_found(job_id, f" or no image {index} in it"), 404)
+        name = image_filename(index, job.images[index].seed)
         return Response(job.images[index].png, media_type="image/png",
                         headers={"Content-Disposition": f'inline; filename="{name}"'})
 
-
-def _submit(queue: JobQueue, pipe, body: Txt2ImgRequest) -> Job | AsciiJSONResponse:
-    """Queue the job of `body`; 422 when the pipeline's own checks refuse it, 429 when the queue is full."""
-    seed = body.seed if body.seed != -1 else random.randrange(2**32)
-    try:
-        request = body.generation_request(seed)
-        pipe.sigmas(request.sampler, request.num_steps, request.sigma_schedule)   # e.g. LCM's own limits
-        job = Job(request, body.num_images)
-    except UserError as error:
-        detail = [{"loc": ["body"], "msg": str(error), "type": "value_error"}]
-        return AsciiJSONResponse({"detail": detail, "message": str(error)}, status_code=422)
-    try:
-        return queue.submit(job)
-    except QueueFull as error:
-        return AsciiJSONResponse({"detail": str(error)}, status_code=429,
-                                 headers={"Retry-After": str(error.retry_after)})
-
-
-async def _finished(job: Job) -> None:
-    """Wait, without blocking the event loop, until the worker thread finishes `job`."""
-    loop = asyncio.get_running_loop()
-    finished = loop.create_future()
-
-    def wake() -> None:
-        if not finished.done():
-            finished.set_result(None)
-
-    job.add_done_callback(lambda: loop.call_soon_threadsafe(wake))
-    await finished
-
-
-def _job_json(job: Job, queue: JobQueue) -> dict:
-    images = [{"url": f"/api/jobs/{job.id}/images/{k}.png", "seed": image.seed, "parameters": image.infotext,
-               "width": image.request.width, "height": image.request.height}
-              for k, image in enumerate(list(job.images))]
-    return {"id": job.id, "state": job.state, "progress": job.progress, "image_index": job.image_index,
-            "step": job.step, "num_steps": job.request.num_steps, "num_images": job.num_images,
-            "queue_position": queue.position(job), "cancel_requested": job.cancel_requested,
-            "error": job.error, "images": images, "request": job.request.to_dict()}
-
-
-def _not_found(what: str) -> AsciiJSONResponse:
-    return AsciiJSONResponse({"detail": f"no job {what} (finished jobs are kept for a while only)"},
-                             status_code=404)
+    @app.get("/api/jobs/{job_id}/preview.png", tags=["jobs"], response_class=Response)
+    async def preview(job_id: str):
+        """The latest preview of the running job: its denoised estimate, decoded."""
+        job = queue.get(job_id)
+        preview = job.preview if job else None
+        if preview is None:
+            return AsciiJSONResponse(service.not_found(job_id, " with a preview now"), 404)
+        return Response(preview[1], media_type="image/png", headers={"Cache-Control": "no-store"})
 
 
 async def _validation_error(request: Request, error: RequestValidationError) -> AsciiJSONResponse:
     """FastAPI's 422 body (without echoing the input) plus `message`: every error as "field: reason"."""
-    errors = [{key: value for key, value in e.items() if key != "input"} for e in error.errors()]
+    errors = [{key: value for key, value in e.items() if key not in ("input", "ctx", "url")}
+              for e in error.errors()]
     reasons = []
     for e in errors:
         loc = e["loc"][1:] if e["loc"][:1] == ("body",) else e["loc"]
@@ -197,43 +150,5 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
                              status_code=422)
 
 
-def _json(data: dict) -> str:
-    return json.dumps(data, ensure_ascii=False)
-
-
-class BodyLimit:
-    """ASGI middleware: 413 for a request body over `max_bytes`, told by its Content-Length or, for a body
-    streamed without one, as soon as the bytes received pass the limit; the app never sees such a body."""
-
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await self._too_large(send)
-        messages, size = [], 0
-        while True:                                     # read the body up to the limit, then replay it
-            message = await receive()
-            messages.append(message)
-            if message["type"] != "http.request":
-                break
-            size += len(message.get("body", b""))
-            if size > self.max_bytes:
-                return await self._too_large(send)
-            if not message.get("more_body", False):
-                break
-
-        async def replay():
-            return messages.pop(0) if messages else await receive()
-
-        await self.app(scope, replay, send)
-
-    async def _too_large(self, send) -> None:
-        body = _json({"detail": f"the request body is larger than {self.max_bytes} bytes"}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"connection", b"close"),
-                                (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+async def _loading(request: Request, error: ModelLoading) -> AsciiJSONResponse:
+    return AsciiJSONResponse({"detail": str(error)}, status_code=503, headers={"Retry-After": "5"})

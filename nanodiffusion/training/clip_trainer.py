@@ -1,6 +1,7 @@
 """Pre-training the text encoder contrastively with a small image encoder: a miniature CLIP (Radford et al.
 2021, §2.3 and Fig. 3), whose text transformer then conditions the UNet frozen, as SD's CLIP text encoder
-does, and whose image tower scores prompt adherence (`evaluation.clip_score`).
+does, and whose image tower scores prompt adherence (`evaluation.clip_score`). The network is
+`nets/mini_clip.py`.
 
 The loss is the symmetric InfoNCE over the batch (van den Oord et al. 2018) with a learned temperature. Small
 data sets repeat captions ("a handwritten digit three" appears about B/10 times in an MNIST batch), so every
@@ -22,12 +23,12 @@ import torch.nn.functional as F
 from nanodiffusion.data.captioned import CaptionedDataset
 from nanodiffusion.data.shapes_captions import hard_negatives
 from nanodiffusion.errors import UserError
-from nanodiffusion.evaluation.clip_score import MAX_LOGIT_SCALE, MiniCLIP, MiniCLIPConfig, save_mini_clip
 from nanodiffusion.nets.clip_text import CLIPTextConfig
+from nanodiffusion.nets.mini_clip import MAX_LOGIT_SCALE, MiniCLIP, MiniCLIPConfig
 from nanodiffusion.tokenizer import CLIPTokenizer
 from nanodiffusion.training import distributed
 from nanodiffusion.training.captions import check_tokenizer, init_clip_text_
-from nanodiffusion.training.export import save_component
+from nanodiffusion.training.export import save_component, save_mini_clip
 from nanodiffusion.training.run_state import LoopConfig, RunState, TrainState
 
 

@@ -15,6 +15,7 @@ from nanodiffusion.diffusion.forward import q_sample
 from nanodiffusion.diffusion.schedules import ScheduleConfig, get_alphas_cumprod
 from nanodiffusion.errors import UserError
 from nanodiffusion.nets.ddpm_unet import DDPMUNet, DDPMUNetConfig
+from nanodiffusion.pipelines.ddpm import DDPMPipeline, model_metadata
 from nanodiffusion.training import distributed
 from nanodiffusion.training.denoising import DenoisingConfig, denoising_loss
 from nanodiffusion.training.ema import EMA
@@ -52,7 +53,8 @@ class DDPMTrainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr,
                                            weight_decay=config.weight_decay, fused=True)
         self.run.register(self.optimizer, {"model": self.model, "ema": self.ema.shadow},
-                          model_metadata(unet_config, schedule, config.prediction, dataset), emas=(self.ema,))
+                          model_metadata(unet_config, schedule, config.prediction, dataset.class_names),
+                          emas=(self.ema,))
         self.net = distributed.parallel(self.model)          # what the steps call: DDP under torchrun
         self.alphas_cumprod = get_alphas_cumprod(schedule).float().to(self.run.device)
         self.out_dir = Path(config.out_dir)
@@ -95,7 +97,6 @@ class DDPMTrainer:
         return self.run.fit(lambda indices: self.train_step(*self.dataset.batch(indices)), self._sample_grid)
 
     def _sample_grid(self, path: Path) -> None:
-        from nanodiffusion.pipelines.ddpm import DDPMPipeline
         pipe = DDPMPipeline(self.ema.shadow, self.schedule, self.config.prediction, self.dataset.class_names)
         pipe.sample_grid(path, num_images=16, sampler="ddim", num_steps=50, seed=0, progress=False)
 
@@ -111,14 +112,6 @@ class DDPMTrainer:
         if meta.get("kind") != "ddpm" or DDPMUNetConfig.from_dict(meta["unet"]) != self.unet_config:
             raise UserError("the checkpoint was trained with a different UNet config; resume with the same "
                             "settings")
-
-
-def model_metadata(unet_config: DDPMUNetConfig, schedule: ScheduleConfig, prediction: str,
-                   dataset: ImageDataset | None = None, class_names=None) -> dict:
-    """The JSON config stored with a model: what a sampler needs to rebuild and use it."""
-    names = dataset.class_names if dataset is not None else class_names
-    return {"kind": "ddpm", "unet": unet_config.to_dict(), "schedule": schedule.to_dict(),
-            "prediction": prediction, "class_names": list(names) if names else None}
 
 
 def _check_dataset(unet_config: DDPMUNetConfig, dataset: ImageDataset) -> None:

@@ -1,16 +1,20 @@
 """Trained components written the way a diffusers Stable Diffusion folder holds them, so that the next stage,
 our loaders, diffusers and transformers all read them: `vae/` and `text_encoder/` (config.json and one
-safetensors file each), `tokenizer/` (CLIP's vocab.json and merges.txt), and the scheduler config.
+safetensors file each), `tokenizer/` (CLIP's vocab.json and merges.txt), and the scheduler config; and the
+miniature CLIP that scores prompt adherence (`clip.safetensors`, read by evaluation.clip_score.CLIPScorer).
 """
 
 from pathlib import Path
 
 import torch
 
+from nanodiffusion.diffusion.sampling_plan import BETA_SCHEDULES
 from nanodiffusion.diffusion.schedules import ScheduleConfig
 from nanodiffusion.errors import UserError
-from nanodiffusion.pipelines.scheduling import BETA_SCHEDULES
+from nanodiffusion.evaluation.clip_score import CHECKPOINT_NAME
+from nanodiffusion.nets.mini_clip import MiniCLIP
 from nanodiffusion.tokenizer import CLIPTokenizer
+from nanodiffusion.weights.checkpoint import prefixed, save_checkpoint
 from nanodiffusion.weights.components import NETWORKS, SD15_SCHEDULER, check_state_dict, expected_shapes
 from nanodiffusion.weights.diffusers_folder import (
     CONFIG_READERS, WEIGHT_NAMES, read_component, read_json, read_tokenizer, write_json,
@@ -72,3 +76,12 @@ def scheduler_config(schedule: ScheduleConfig, prediction: str) -> dict:
     if beta_start is not None:                          # the cosine schedule has none
         config |= {"beta_start": beta_start, "beta_end": beta_end}
     return config
+
+
+def save_mini_clip(model: MiniCLIP, tokenizer: CLIPTokenizer, folder: str | Path) -> Path:
+    """Write `folder/clip.safetensors` and the tokenizer to `folder/tokenizer/` (what CLIPScorer loads)."""
+    folder = Path(folder)
+    tokenizer.save_pretrained(folder / "tokenizer")
+    meta = {"kind": "mini_clip", "clip": model.config.to_dict(), "text": model.text_config.to_dict()}
+    save_checkpoint(folder / CHECKPOINT_NAME, prefixed("clip", model.state_dict()), meta)
+    return folder / CHECKPOINT_NAME

@@ -31,12 +31,12 @@ from nanodiffusion.pipelines.text_to_image import TextToImage
 from nanodiffusion.tokenizer import CLIPTokenizer
 from nanodiffusion.training import distributed
 from nanodiffusion.training.captions import check_tokenizer
-from nanodiffusion.training.checkpoint import load_checkpoint, save_checkpoint
 from nanodiffusion.training.denoising import DenoisingConfig, denoising_loss
 from nanodiffusion.training.ema import EMA
 from nanodiffusion.training.export import scheduler_config
 from nanodiffusion.training.run_state import RunState, TrainState
 from nanodiffusion.weights import SDComponents, save_diffusers
+from nanodiffusion.weights.checkpoint import load_checkpoint, save_checkpoint
 
 # A small SD UNet for 8x8x4 latents (32x32 images) and 128-wide text states: 10M parameters.
 SMALL_UNET = SDUNetConfig(model_channels=64, channel_mult=(1, 2, 2), attention_levels=(1, 2), num_heads=4,

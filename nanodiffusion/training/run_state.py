@@ -21,10 +21,10 @@ from tqdm.auto import tqdm
 
 from nanodiffusion.errors import UserError
 from nanodiffusion.training import distributed
-from nanodiffusion.training.checkpoint import (
+from nanodiffusion.training.ema import EMA
+from nanodiffusion.weights.checkpoint import (
     load_checkpoint, optimizer_from_tensors, optimizer_to_tensors, prefixed, save_checkpoint, unprefixed,
 )
-from nanodiffusion.training.ema import EMA
 
 LR_SCHEDULES = ("constant", "cosine")
 

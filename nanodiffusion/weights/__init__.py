@@ -1,4 +1,4 @@
-"""Stable Diffusion v1.x weights: load a diffusers folder, a single file or a Hub repo; save either layout.
+"""Stable Diffusion v1.x / 2.x weights: load a diffusers folder, a single file or a Hub repo; save both layouts.
 
     components = load_sd("path/to/model.safetensors", dtype=torch.float16)
     save_diffusers(components, "path/to/folder")
@@ -11,29 +11,26 @@ import torch
 from nanodiffusion.errors import UserError
 from nanodiffusion.tokenizer import CLIPTokenizer
 from nanodiffusion.weights.components import SDComponents, resolve_dtype
-from nanodiffusion.weights.diffusers_folder import load_diffusers, save_diffusers
-from nanodiffusion.weights.hub import download_repo, looks_like_repo_id
+from nanodiffusion.weights.diffusers_folder import load_diffusers, load_vae, save_diffusers
+from nanodiffusion.weights.models import model_path
 from nanodiffusion.weights.single_file import load_single_file, save_single_file
 
-__all__ = ["SDComponents", "load_sd", "save_diffusers", "save_single_file"]
+__all__ = ["SDComponents", "load_sd", "load_vae", "save_diffusers", "save_single_file"]
 
 
 def load_sd(path_or_repo: str | Path, *, dtype: torch.dtype | str = torch.float32,
             device: str | torch.device = "cpu", variant: str | None = None, trust_pickle: bool = False,
             tokenizer: CLIPTokenizer | None = None,
             memory_format: torch.memory_format = torch.preserve_format) -> SDComponents:
-    """Load SD v1.x from a diffusers folder, a single `.safetensors` / `.ckpt` file, or a Hub repo id.
+    """Load SD v1.x or 2.x from a diffusers folder, a single `.safetensors` / `.ckpt` file, a Hub repo id or a
+    built-in name (`models.model_path`).
 
     Weights are memory-mapped and converted tensor by tensor to `dtype` on `device`, conv weights to
     `memory_format` (one copy each, whatever changes). Pickle files need `trust_pickle=True`. `tokenizer`,
     when given, replaces the source's (a single file holds none).
     """
     dtype = resolve_dtype(dtype)
-    path = Path(path_or_repo)
-    if not path.exists():
-        if not looks_like_repo_id(str(path_or_repo)):
-            raise UserError(f"no such file or folder: {path}")
-        path = download_repo(str(path_or_repo), variant=variant)
+    path = model_path(path_or_repo, variant=variant)
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             found = sorted(p.name for p in path.iterdir())[:10]

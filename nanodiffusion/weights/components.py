@@ -14,14 +14,19 @@ import torch
 
 from nanodiffusion.errors import UserError
 from nanodiffusion.nets.clip_text import CLIPTextConfig, CLIPTextModel
+from nanodiffusion.nets.controlnet import ControlNet, ControlNetConfig
 from nanodiffusion.nets.sd_unet import SDUNet, SDUNetConfig
+from nanodiffusion.nets.taesd import AutoencoderTiny, AutoencoderTinyConfig
 from nanodiffusion.nets.vae import AutoencoderKL, VAEConfig
 from nanodiffusion.tokenizer import CLIPTokenizer
 from nanodiffusion.weights import file_pages
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 NETWORKS = {"unet": (SDUNet, SDUNetConfig), "vae": (AutoencoderKL, VAEConfig),
-            "text_encoder": (CLIPTextModel, CLIPTextConfig)}
+            "text_encoder": (CLIPTextModel, CLIPTextConfig),
+            "taesd": (AutoencoderTiny, AutoencoderTinyConfig)}        # a replacement VAE
+# Networks loaded beside a model rather than as one of its components.
+ADDED_NETWORKS = {"controlnet": (ControlNet, ControlNetConfig)}
 _SHOWN = 20             # names listed in an error before "... and N more"
 
 # SD v1.x's scheduler/scheduler_config.json (runwayml/stable-diffusion-v1-5), for files that carry none.
@@ -35,12 +40,13 @@ SD15_SCHEDULER = {
 
 @dataclass
 class SDComponents:
-    """A Stable Diffusion v1.x model: the three networks, the tokenizer (None when the source has none, as
-    single files) and the diffusers scheduler and pipeline configs as plain dicts.
+    """A Stable Diffusion v1.x or 2.x model: the three networks (the VAE may be TAESD's tiny one), the
+    tokenizer (None when the source has none, as single files) and the diffusers scheduler and pipeline
+    configs as plain dicts.
     """
 
     unet: SDUNet
-    vae: AutoencoderKL
+    vae: AutoencoderKL | AutoencoderTiny
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer | None = None
     scheduler_config: dict = field(default_factory=lambda: dict(SD15_SCHEDULER))
@@ -87,8 +93,9 @@ def check_state_dict(expected: Mapping[str, torch.Size], state: Mapping[str, tor
 
 
 def build_on_meta(component: str, config) -> torch.nn.Module:
-    """`component`'s network for `config` with every tensor on the meta device (no memory used)."""
-    network_class = NETWORKS[component][0]
+    """`component`'s network for `config` (its class follows the config's) on the meta device (no memory)."""
+    network_class = next(network for network, config_class in (NETWORKS | ADDED_NETWORKS).values()
+                         if isinstance(config, config_class))
     with torch.device("meta"):
         return network_class(config)
 

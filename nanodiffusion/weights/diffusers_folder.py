@@ -8,7 +8,9 @@
     scheduler/scheduler_config.json
 
 Our module names are diffusers' and transformers', so loading is: config.json into our dataclass, a strict
-key and shape check, and the file's tensors assigned in place (see `components.materialize`).
+key and shape check, and the file's tensors assigned in place (see `components.materialize`). SD 2.x folders
+have the same layout (an OpenCLIP text encoder stored as a transformers CLIPTextModel); `vae/` may hold
+TAESD's AutoencoderTiny, and `load_vae` reads one autoencoder folder on its own (to replace a model's VAE).
 """
 
 import json
@@ -20,15 +22,21 @@ from nanodiffusion.atomic import atomic_write
 from nanodiffusion.errors import UserError
 from nanodiffusion.nets.clip_text import CLIPTextConfig
 from nanodiffusion.nets.sd_unet import SDUNetConfig
-from nanodiffusion.nets.vae import VAEConfig
-from nanodiffusion.tokenizer import CLIPTokenizer
+from nanodiffusion.nets.taesd import AutoencoderTiny, AutoencoderTinyConfig
+from nanodiffusion.nets.vae import AutoencoderKL, VAEConfig
+from nanodiffusion.tokenizer import CLIP_MAX_LENGTH, CLIPTokenizer
 from nanodiffusion.weights.components import SDComponents, materialize
+from nanodiffusion.weights.families import check_pipeline_class, check_unet_inputs
 from nanodiffusion.weights.original_keys import DEPRECATED_VAE_ATTENTION, IGNORED_DIFFUSERS_KEYS
 from nanodiffusion.weights.safe_load import read_pickle, read_safetensors, sniff, write_safetensors
 
-WEIGHT_NAMES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+WEIGHT_NAMES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
+                "controlnet": "diffusion_pytorch_model"}
 CONFIG_READERS = {"unet": SDUNetConfig.from_diffusers_config, "vae": VAEConfig.from_diffusers_config,
                   "text_encoder": CLIPTextConfig.from_transformers_config}
+# The autoencoders a `vae/` folder may hold, by config.json's _class_name.
+VAE_READERS = {"AutoencoderKL": VAEConfig.from_diffusers_config,
+               "AutoencoderTiny": AutoencoderTinyConfig.from_diffusers_config}
 LIBRARIES = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),
              "text_encoder": ("transformers", "CLIPTextModel"),
              "tokenizer": ("transformers", "CLIPTokenizer")}
@@ -95,37 +103,76 @@ def read_tokenizer(folder: Path) -> CLIPTokenizer:
     """The CLIP tokenizer of `folder`: vocab.json + merges.txt, or only tokenizer.json (transformers >= 5)."""
     if (folder / "vocab.json").is_file() or not (folder / "tokenizer.json").is_file():
         return CLIPTokenizer.from_pretrained(folder)
-    model = read_json(folder / "tokenizer.json").get("model", {})
+    stored = read_json(folder / "tokenizer.json")
+    model = stored.get("model", {})
     if model.get("type") != "BPE":
         raise UserError(f"{folder / 'tokenizer.json'} does not hold a BPE tokenizer")
     merges = [tuple(pair) if isinstance(pair, list) else tuple(pair.split(" ")) for pair in model["merges"]]
-    specials = {}
-    if (folder / "tokenizer_config.json").is_file():
-        stored = read_json(folder / "tokenizer_config.json")
-        specials = {name: value["content"] if isinstance(value, dict) else value
-                    for name, value in stored.items()
-                    if name in ("bos_token", "eos_token", "pad_token", "unk_token") and value}
-    return CLIPTokenizer(model["vocab"], merges, **specials)
+    config_file = folder / "tokenizer_config.json"
+    config = read_json(config_file) if config_file.is_file() else {}
+    specials = {name: value["content"] if isinstance(value, dict) else value for name, value in config.items()
+                if name in ("bos_token", "eos_token", "pad_token", "unk_token") and value}
+    return CLIPTokenizer(model["vocab"], merges, model_max_length=_context_length(folder, config, stored),
+                         **specials)
+
+
+def _context_length(folder: Path, config: dict, tokenizer: dict) -> int:
+    """Tokens per prompt, from wherever the folder states it: tokenizer_config.json's model_max_length,
+    tokenizer.json's truncation or fixed padding, the text encoder's max_position_embeddings; else CLIP's."""
+    padding = (tokenizer.get("padding") or {}).get("strategy")
+    encoder = folder.parent / "text_encoder" / "config.json"
+    for length in (config.get("model_max_length"), (tokenizer.get("truncation") or {}).get("max_length"),
+                   padding.get("Fixed") if isinstance(padding, dict) else None,
+                   read_json(encoder).get("max_position_embeddings") if encoder.is_file() else None):
+        # transformers writes a huge integer when a tokenizer has no limit: that says nothing
+        if isinstance(length, int) and not isinstance(length, bool) and 3 <= length <= 1_000_000:
+            return length
+    return CLIP_MAX_LENGTH
 
 
 def load_diffusers(folder: str | Path, *, dtype: torch.dtype = torch.float32,
                    device: str | torch.device = "cpu", variant: str | None = None,
                    memory_format: torch.memory_format = torch.preserve_format) -> SDComponents:
-    """Load a diffusers SD v1.x folder into our networks, tokenizer and config dicts."""
+    """Load a diffusers SD v1.x / 2.x folder into our networks, tokenizer and config dicts."""
     folder = Path(folder)
     model_index = read_json(folder / "model_index.json")
-    if model_index.get("_class_name", PIPELINE_CLASS) != PIPELINE_CLASS:
-        raise UserError(f"{folder} holds a {model_index['_class_name']}; only {PIPELINE_CLASS} folders "
-                        "(SD v1.x text-to-image) are supported")
+    check_pipeline_class(model_index, folder)
+    configs = {component: read_config(read_json(folder / component / "config.json"))
+               for component, read_config in CONFIG_READERS.items() if component != "vae"}
+    configs["vae"] = read_vae_config(read_json(folder / "vae" / "config.json"))
+    check_unet_inputs(configs["unet"].in_channels, configs["vae"].latent_channels, f"{folder / 'unet'}")
     networks = {}
-    for component, read_config in CONFIG_READERS.items():
-        config = read_config(read_json(folder / component / "config.json"))
+    for component, config in configs.items():
         state = read_component(folder / component, component, variant)
         networks[component] = materialize(component, config, state, dtype=dtype, device=device,
                                           what=f"{folder / component}", memory_format=memory_format)
     return SDComponents(**networks, tokenizer=read_tokenizer(folder / "tokenizer"),
                         scheduler_config=read_json(folder / "scheduler" / "scheduler_config.json"),
                         model_index=model_index)
+
+
+def read_vae_config(data: dict) -> VAEConfig | AutoencoderTinyConfig:
+    """Our config for a diffusers autoencoder config.json: AutoencoderKL's or TAESD's AutoencoderTiny's."""
+    name = data.get("_class_name", "AutoencoderKL")
+    if name not in VAE_READERS:
+        raise UserError(f"unsupported autoencoder {name!r}; valid: {', '.join(VAE_READERS)}")
+    return VAE_READERS[name](data)
+
+
+def load_vae(folder: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+             variant: str | None = None,
+             memory_format: torch.memory_format = torch.preserve_format) -> AutoencoderKL | AutoencoderTiny:
+    """Load one diffusers autoencoder folder (config.json + diffusion_pytorch_model.safetensors), such as
+    madebyollin/taesd or stabilityai/sd-vae-ft-mse; a model folder's `vae/` is taken too."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"no such autoencoder folder: {folder}")
+    if not (folder / "config.json").is_file() and (folder / "vae" / "config.json").is_file():
+        folder = folder / "vae"
+    config = read_vae_config(read_json(folder / "config.json"))
+    state = read_component(folder, "vae", variant)
+    return materialize("vae", config, state, dtype=dtype, device=device, what=f"{folder}",
+                       memory_format=memory_format)
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -156,8 +203,9 @@ def save_diffusers(components: SDComponents, folder: str | Path, *, variant: str
     components.tokenizer.save_pretrained(folder / "tokenizer")
     scheduler = components.scheduler_config
     write_json(folder / "scheduler" / "scheduler_config.json", scheduler)
+    libraries = {**LIBRARIES, "vae": ("diffusers", configs["vae"]["_class_name"])}
     write_json(folder / "model_index.json", {
-        "_class_name": PIPELINE_CLASS, **{name: list(library) for name, library in LIBRARIES.items()},
+        "_class_name": PIPELINE_CLASS, **{name: list(library) for name, library in libraries.items()},
         "scheduler": ["diffusers", scheduler.get("_class_name", "PNDMScheduler")],
         "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False,
     })

@@ -5,20 +5,23 @@ tools share) keep the three networks under one state dict:
 
     model.diffusion_model.input_blocks.1.0.in_layers.0.weight        UNet (ldm `openaimodel.py`)
     first_stage_model.encoder.down.0.block.1.conv1.weight            VAE  (ldm `model.py`)
-    cond_stage_model.transformer.text_model.encoder.layers.0...      CLIP (transformers' names already)
+    cond_stage_model.transformer.text_model.encoder.layers.0...      CLIP (transformers' names already), SD 1
+    cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight  OpenCLIP ViT-H/14 (open_clip), SD 2
 
-`rename_table(...)` builds, for given configs, a dict {our key: original key} from module-level name pairs;
-its inverse is the other direction. Only the pairs are written out here: they follow the configs (number of
-levels, resnets per level, attention levels), so no SD v1.5 index is hard-coded.
+`rename_table(...)` builds, for given configs, a dict {our key: original key} from module-level name pairs
+(or whole-key pairs); its inverse is the other direction. Only the pairs are written out here: they follow
+the configs (number of levels, resnets per level, attention levels, layers), so no SD v1.5 index is
+hard-coded. Two entries are not plain renames: the VAE's attention (1x1 convs there, linears here) and
+OpenCLIP's fused `in_proj_weight`, whose three row blocks are our `q_proj`, `k_proj` and `v_proj`.
 """
 
 from nanodiffusion.nets.clip_text import CLIPTextConfig
 from nanodiffusion.nets.sd_unet import SDUNetConfig
 from nanodiffusion.nets.vae import VAEConfig
 
-# Where each network lives in a single file, keyed by our component name.
-PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
-            "text_encoder": "cond_stage_model.transformer."}
+# Where each network lives in a single file, keyed by our component name (the text encoder: by its layout).
+PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model."}
+TEXT_PREFIXES = {"clip": "cond_stage_model.transformer.", "openclip": "cond_stage_model.model."}
 
 # Inner layers of one resnet block: original name -> ours.
 UNET_RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
@@ -28,16 +31,25 @@ VAE_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "co
 # The VAE's mid-block attention: 1x1 convs in the original, linear layers in ours (weights reshaped).
 VAE_ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 VAE_CONV_AS_LINEAR = ("to_q", "to_k", "to_v", "to_out.0")
+# Inner layers of one OpenCLIP text block: original name -> ours; q/k/v are fused in `attn.in_proj_*`.
+OPENCLIP_LAYER = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1",
+                  "mlp.c_proj": "mlp.fc2", "attn.out_proj": "self_attn.out_proj"}
+FUSED_QKV = ("q_proj", "k_proj", "v_proj")      # the row blocks of in_proj_weight / in_proj_bias, in order
 
 # Entries of original files that are not network weights, skipped on reading (and never written): EMA copies,
-# the training schedule (recomputed from the scheduler config), the VAE's GAN-loss discriminator, and the
-# text encoder's `position_ids` buffer. Exact names, then name prefixes.
+# the training schedule (recomputed from the scheduler config), the VAE's GAN-loss discriminator, the text
+# encoder's `position_ids` buffer, the parts of OpenCLIP's text tower that SD 2 never reads (the projection
+# to CLIP's joint embedding, the contrastive temperature, the causal mask), and ComfyUI's `v_pred` marker
+# (an empty tensor; `V_PREDICTION_MARKER`). Exact names, then name prefixes.
+V_PREDICTION_MARKER = "v_pred"
 IGNORED_KEYS = frozenset({
     "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
     "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
     "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
     "lvlb_weights", "logvar", "model_ema.decay", "model_ema.num_updates",
     "cond_stage_model.transformer.text_model.embeddings.position_ids",
+    "cond_stage_model.model.text_projection", "cond_stage_model.model.logit_scale",
+    "cond_stage_model.model.attn_mask", V_PREDICTION_MARKER,
 })
 IGNORED_PREFIXES = ("model_ema.", "loss.", "first_stage_model.loss.")
 # In a diffusers folder: written by transformers < 4.31, accepted and dropped by our CLIPTextModel.
@@ -117,9 +129,32 @@ def vae_pairs(config: VAEConfig) -> list[tuple[str, str]]:
     return pairs
 
 
+def text_layout(config: CLIPTextConfig) -> str:
+    """"openclip" for OpenCLIP's towers (SD 2.x), "clip" for OpenAI's (SD v1.x): the two differ in their
+    activation (exact GELU against quick GELU), and single files store them in these two layouts."""
+    return "openclip" if config.activation == "gelu" else "clip"
+
+
+def text_prefix(config: CLIPTextConfig) -> str:
+    """Where the text encoder lives in a single file."""
+    return TEXT_PREFIXES[text_layout(config)]
+
+
 def text_pairs(config: CLIPTextConfig) -> list[tuple[str, str]]:
-    """SD v1.x stores transformers' CLIPTextModel keys unchanged under `cond_stage_model.transformer.`."""
-    return [("text_model", "text_model")]
+    """SD v1.x stores transformers' CLIPTextModel keys unchanged under `cond_stage_model.transformer.`;
+    SD 2.x stores open_clip's text tower under `cond_stage_model.model.`, with whole-key pairs where open_clip
+    keeps a bare parameter (`positional_embedding`) or a fused q/k/v one."""
+    if text_layout(config) == "clip":
+        return [("text_model", "text_model")]
+    pairs = [("text_model.embeddings.token_embedding", "token_embedding"),
+             ("text_model.embeddings.position_embedding.weight", "positional_embedding"),
+             ("text_model.final_layer_norm", "ln_final")]
+    for n in range(config.num_layers):
+        ours, original = f"text_model.encoder.layers.{n}", f"transformer.resblocks.{n}"
+        pairs += [(f"{ours}.{b}", f"{original}.{a}") for a, b in OPENCLIP_LAYER.items()]
+        pairs += [(f"{ours}.self_attn.{proj}.{leaf}", f"{original}.attn.in_proj_{leaf}")
+                  for proj in FUSED_QKV for leaf in ("weight", "bias")]
+    return pairs
 
 
 PAIRS = {"unet": unet_pairs, "vae": vae_pairs, "text_encoder": text_pairs}
@@ -128,19 +163,26 @@ PAIRS = {"unet": unet_pairs, "vae": vae_pairs, "text_encoder": text_pairs}
 def rename_table(component: str, config, our_keys) -> dict[str, str]:
     """{our key: original key (with its single-file prefix)} for every key in `our_keys` of `component`.
 
-    A key is renamed through its longest module prefix in the pairs; a key no pair covers is a bug here.
+    The three keys of a fused q/k/v share one original key (see `fused_index`).
     """
-    modules = dict(PAIRS[component](config))
+    prefix = text_prefix(config) if component == "text_encoder" else PREFIXES[component]
+    return rename_by_pairs(PAIRS[component](config), prefix, our_keys, component)
+
+
+def rename_by_pairs(pairs: list[tuple[str, str]], prefix: str, our_keys, what: str) -> dict[str, str]:
+    """{our key: `prefix` + original key}, each key renamed through its longest prefix (itself included) in
+    `pairs`; a key no pair covers is a bug in the pairs of `what`."""
+    modules = dict(pairs)
     table = {}
     for key in our_keys:
         parts = key.split(".")
-        for cut in range(len(parts) - 1, 0, -1):
+        for cut in range(len(parts), 0, -1):
             module = ".".join(parts[:cut])
             if module in modules:
-                table[key] = PREFIXES[component] + ".".join([modules[module], *parts[cut:]])
+                table[key] = prefix + ".".join([modules[module], *parts[cut:]])
                 break
         else:
-            raise AssertionError(f"no original name for {component} key {key!r}: rename pairs incomplete")
+            raise AssertionError(f"no original name for {what} key {key!r}: rename pairs incomplete")
     return table
 
 
@@ -150,3 +192,11 @@ def is_conv_as_linear(component: str, our_key: str) -> bool:
         return False
     module = our_key[: -len(".weight")]
     return ".mid_block.attentions.0." in module and module.endswith(VAE_CONV_AS_LINEAR)
+
+
+def fused_index(our_key: str, original_key: str) -> int | None:
+    """Which row block (0: q, 1: k, 2: v) of a fused OpenCLIP `in_proj_*` tensor `our_key` is; None when the
+    original key is not a fused one."""
+    if not original_key.rpartition(".")[2].startswith("in_proj_"):
+        return None
+    return FUSED_QKV.index(our_key.split(".")[-2])

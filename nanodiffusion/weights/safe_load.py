@@ -42,11 +42,12 @@ def sniff(path: str | Path) -> str:
     if text.startswith(b"{"):
         raise UserError(f"{path} holds JSON text, not weights (often a server error message): "
                         f"{head[:200].decode('utf-8', 'replace')!r}")
-    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
-        return PICKLE                # torch.save's zip archive, or the legacy raw pickle (protocol >= 2)
+    # safetensors first: its 8-byte header length may well start with byte 0x80 (e.g. 2944 = 0x0b80)
     header_size = int.from_bytes(head[:8], "little") if len(head) >= 8 else 0
     if 2 <= header_size <= _MAX_HEADER and head[8:9] == b"{":
         return SAFETENSORS
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
+        return PICKLE                # torch.save's zip archive, or the legacy raw pickle (protocol >= 2)
     raise UserError(f"{path} is neither a safetensors file nor a PyTorch checkpoint "
                     f"(it starts with {head[:16]!r}): {_REDOWNLOAD}")
 

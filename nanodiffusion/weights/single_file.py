@@ -1,10 +1,13 @@
-"""Load and save the original single-file Stable Diffusion v1.x layout (`.safetensors` or `.ckpt`).
+"""Load and save the original single-file layout of SD v1.x and 2.x (`.safetensors` or `.ckpt`).
 
 Keys are renamed through the one table in `original_keys`. Configs come from the file's metadata when we
-wrote it, otherwise from tensor shapes; what shapes cannot tell (head counts, GroupNorm groups, the VAE's
-scaling factor) takes SD v1.x's values. Checkpoints of other model families are named, not half-loaded.
+wrote it, otherwise from tensor shapes; what shapes cannot tell takes the family's values (SD v1.x: 8 UNet
+heads; SD 2.x: 64-wide heads; both: 32 GroupNorm groups, SD's VAE scaling factor). Whether an SD 2.x file
+predicts ε (512-base, SD-Turbo) or v (768-v) its keys do not say: ComfyUI's `v_pred` marker or, failing
+that, one UNet call (`families.probe_prediction`) tells. Other kinds of checkpoint are named, not half-loaded.
 """
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -16,46 +19,20 @@ from nanodiffusion.nets.clip_text import CLIPTextConfig
 from nanodiffusion.nets.sd_unet import SDUNetConfig
 from nanodiffusion.nets.vae import VAEConfig
 from nanodiffusion.tokenizer import CLIP_MAX_LENGTH, CLIPTokenizer
-from nanodiffusion.weights.components import (NETWORKS, SD15_SCHEDULER, SDComponents, build_on_meta,
-                                              check_state_dict, expected_shapes, materialize)
-from nanodiffusion.weights.original_keys import PREFIXES, is_conv_as_linear, is_ignored, rename_table
+from nanodiffusion.weights.components import (SD15_SCHEDULER, SDComponents, build_on_meta, check_state_dict,
+                                              expected_shapes, materialize)
+from nanodiffusion.weights.families import SD2_V_SCHEDULER, identify_file, probe_prediction
+from nanodiffusion.weights.original_keys import (PREFIXES, TEXT_PREFIXES, V_PREDICTION_MARKER, fused_index,
+                                                 is_conv_as_linear, is_ignored, rename_table, text_layout)
 from nanodiffusion.weights.safe_load import read_weights, write_safetensors
 
 METADATA_KEY = "nanodiffusion"      # safetensors metadata entry holding our configs as JSON
-CLIP_SHAPE = (49408, CLIP_MAX_LENGTH)   # (vocab, positions) of the CLIP text towers SD v1.x uses
+CLIP_SHAPE = (49408, CLIP_MAX_LENGTH)   # (vocab, positions) of the CLIP text towers SD v1.x and 2.x use
 CLIP_HEAD_WIDTH = 64                # every released CLIP text tower uses 64-wide heads (ViT-L/14: 768 / 12)
-
-
-def identify(path: Path, shapes: dict[str, torch.Size]) -> None:
-    """Raise a UserError that names the checkpoint's kind when it is not an SD v1.x text-to-image model."""
-    keys, unet = set(shapes), PREFIXES["unet"]
-    if any(key.startswith("conditioner.embedders.") for key in keys) or f"{unet}label_emb.0.0.weight" in keys:
-        raise UserError(f"{path} is an SDXL checkpoint (conditioner.embedders.*, a label_emb UNet); only "
-                        "SD v1.x is supported")
-    contexts = {shapes[key][1] for key in keys if key.startswith(unet) and key.endswith("attn2.to_k.weight")}
-    openclip = any(key.startswith("cond_stage_model.model.") for key in keys)
-    if openclip or 1024 in contexts:
-        cue = "an OpenCLIP text encoder, cond_stage_model.model.*" if openclip else "a 1024-wide text context"
-        raise UserError(f"{path} is an SD 2.x checkpoint ({cue}); only SD v1.x is supported")
-    conv_in = shapes.get(f"{unet}input_blocks.0.0.weight")
-    if conv_in is None:
-        raise UserError(f"{path} holds no SD UNet ({unet}*): {_guess_other_kind(keys)}")
-    if conv_in[1] != 4:
-        kinds = {9: "an inpainting checkpoint (9 input channels: latents, mask, masked-image latents)",
-                 8: "an InstructPix2Pix checkpoint (8 input channels: latents and image latents)",
-                 5: "a depth-conditioned checkpoint (5 input channels)"}
-        kind = kinds.get(conv_in[1], f"a UNet with {conv_in[1]} input channels")
-        raise UserError(f"{path} is {kind}; the SD v1.x text-to-image loader needs 4")
-
-
-def _guess_other_kind(keys: set[str]) -> str:
-    if any(key.startswith(("lora_unet_", "lora_te_")) or ".lora_" in key for key in keys):
-        return "it looks like a LoRA, which adds to a full model rather than being one"
-    if "encoder.conv_in.weight" in keys and "decoder.conv_in.weight" in keys:
-        return "it looks like a standalone VAE file"
-    if "conv_in.weight" in keys and any(key.startswith("down_blocks.") for key in keys):
-        return "it looks like one component of a diffusers folder: pass the folder with model_index.json"
-    return f"first keys: {', '.join(sorted(keys)[:5])}"
+SD2_HEAD_WIDTH = 64                 # SD 2.x's UNet fixes the head width (ldm's num_head_channels)
+SD2_V_SAMPLE_SIZE = 96              # SD 2.x's v models are its 768² ones (96² latents)
+OPENCLIP_PAD_TOKEN = "!"            # open_clip pads with id 0, "!" (as diffusers' SD 2 tokenizer folders do)
+CONFIG_CLASSES = {"unet": SDUNetConfig, "vae": VAEConfig, "text_encoder": CLIPTextConfig}
 
 
 def _count(keys: set[str], pattern: str) -> int:
@@ -66,8 +43,9 @@ def _count(keys: set[str], pattern: str) -> int:
     return i
 
 
-def infer_unet_config(shapes: dict[str, torch.Size]) -> SDUNetConfig:
-    """SD UNet config from original-layout shapes (keys without prefix); num_heads=8 as in all SD v1.x."""
+def infer_unet_config(shapes: dict[str, torch.Size], head_width: int | None = None) -> SDUNetConfig:
+    """SD UNet config from original-layout shapes (keys without prefix): 8 heads per level as in all SD
+    v1.x, or with `head_width` (SD 2.x: 64) as many heads as fit each level's width."""
     keys = set(shapes)
     model_channels, in_channels = shapes["input_blocks.0.0.weight"][:2]
     widths, attention, counts, current = [], [], [], 0
@@ -85,13 +63,17 @@ def infer_unet_config(shapes: dict[str, torch.Size]) -> SDUNetConfig:
         raise UserError(f"unsupported UNet layout: resnets per level {counts}, widths {widths}")
     attention_keys = sorted(key for key in keys if key.endswith("attn2.to_k.weight"))
     first = next((key for key in sorted(keys) if key.endswith(".proj_in.weight")), None)
+    heads = 8
+    if head_width is not None:
+        per_level = tuple(max(1, width // head_width) for width in widths)
+        heads = per_level[0] if len(set(per_level)) == 1 else per_level
     return SDUNetConfig(
         in_channels=in_channels, out_channels=shapes["out.2.weight"][0], model_channels=model_channels,
         channel_mult=tuple(w // model_channels for w in widths), num_res_blocks=counts[0],
         attention_levels=tuple(level for level, a in enumerate(attention) if a),
         transformer_depth=_count(keys, first.rsplit(".", 2)[0] + ".transformer_blocks.{}.") if first else 1,
         context_dim=shapes[attention_keys[0]][1] if attention_keys else SDUNetConfig.context_dim,
-        linear_projection=first is not None and len(shapes[first]) == 2)
+        num_heads=heads, linear_projection=first is not None and len(shapes[first]) == 2)
 
 
 def infer_vae_config(shapes: dict[str, torch.Size]) -> VAEConfig:
@@ -119,35 +101,56 @@ def infer_text_config(shapes: dict[str, torch.Size]) -> CLIPTextConfig:
         bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1)
 
 
-INFER = {"unet": infer_unet_config, "vae": infer_vae_config, "text_encoder": infer_text_config}
-CONFIG_CLASSES = {component: config_class for component, (_, config_class) in NETWORKS.items()}
+def infer_openclip_config(shapes: dict[str, torch.Size]) -> CLIPTextConfig:
+    """OpenCLIP text config (SD 2.x) from original-layout shapes (keys without prefix). SD 2 reads the
+    penultimate layer: a file with the whole tower (`text_projection` marks it) gives one layer fewer."""
+    keys = set(shapes)
+    vocab_size, hidden = shapes["token_embedding.weight"]
+    blocks = _count(keys, "transformer.resblocks.{}.")
+    return CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=hidden, num_heads=max(1, hidden // CLIP_HEAD_WIDTH),
+        num_layers=blocks - 1 if "text_projection" in keys else blocks,
+        intermediate_size=shapes["transformer.resblocks.0.mlp.c_fc.weight"][0],
+        max_positions=shapes["positional_embedding"][0], activation="gelu",
+        bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=0)
 
 
-def _configs(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> tuple[dict, dict]:
-    """({component: config}, scheduler config): from our metadata if present, else inferred from shapes."""
+def _infer(component: str, layout: str, shapes: dict[str, torch.Size]):
+    if component == "unet":
+        return infer_unet_config(shapes, SD2_HEAD_WIDTH if layout == "openclip" else None)
+    if component == "vae":
+        return infer_vae_config(shapes)
+    return infer_openclip_config(shapes) if layout == "openclip" else infer_text_config(shapes)
+
+
+def _configs(tensors: dict[str, torch.Tensor], metadata: dict[str, str], layout: str,
+             path: Path) -> tuple[dict, dict | None]:
+    """({component: config}, scheduler config): from our metadata if present, else inferred from shapes
+    (and None for the scheduler config, which `_scheduler_config` then builds)."""
     if METADATA_KEY in metadata:
         stored = json.loads(metadata[METADATA_KEY])
         configs = {name: CONFIG_CLASSES[name].from_dict(stored[name]) for name in CONFIG_CLASSES}
         return configs, stored["scheduler"]
     configs = {}
-    for component, infer in INFER.items():
-        prefix = PREFIXES[component]
+    for component in CONFIG_CLASSES:
+        prefix = TEXT_PREFIXES[layout] if component == "text_encoder" else PREFIXES[component]
         shapes = {key[len(prefix):]: value.shape for key, value in tensors.items() if key.startswith(prefix)}
         try:
-            configs[component] = infer(shapes)
+            configs[component] = _infer(component, layout, shapes)
         except KeyError as error:
             raise UserError(f"{path}: cannot infer the {component} config, {prefix}{error.args[0]} is "
                             "missing") from None
-        except UserError as error:
+        except ValueError as error:
             raise UserError(f"{path}: the {component} config inferred from tensor shapes is invalid "
-                            f"({error}); what shapes cannot tell takes SD v1.x's values (8 UNet heads, "
-                            "32 GroupNorm groups, 64-wide text heads)") from None
-    return configs, _scheduler_config(tensors.get("betas"))
+                            f"({error}); what shapes cannot tell takes SD's values (8 UNet heads in SD v1.x, "
+                            "64-wide ones in SD 2.x, 32 GroupNorm groups, 64-wide text heads)") from None
+    return configs, None
 
 
-def _scheduler_config(betas: torch.Tensor | None) -> dict:
-    """SD v1.x's scheduler config, with the training schedule the file stores when it stores one."""
-    config = dict(SD15_SCHEDULER)
+def _scheduler_config(betas: torch.Tensor | None, prediction: str) -> dict:
+    """SD's scheduler config for `prediction` (SD 2.1's for v), with the training schedule the file stores
+    when it stores one."""
+    config = dict(SD2_V_SCHEDULER if prediction == "v_prediction" else SD15_SCHEDULER)
     if betas is None:
         return config
     betas = betas.double()
@@ -164,31 +167,69 @@ def _scheduler_config(betas: torch.Tensor | None) -> dict:
 def load_single_file(path: str | Path, *, dtype: torch.dtype = torch.float32,
                      device: str | torch.device = "cpu", trust_pickle: bool = False,
                      memory_format: torch.memory_format = torch.preserve_format) -> SDComponents:
-    """Load an original-layout SD v1.x checkpoint. A single file holds no tokenizer: one whose text encoder
-    is CLIP's (49408 ids, 77 positions) gets CLIP's BPE tokenizer (`CLIPTokenizer.clip()`), others None."""
+    """Load an original-layout SD v1.x or 2.x checkpoint. A single file holds no tokenizer: one whose text
+    encoder has CLIP's 49408 ids and 77 positions gets CLIP's BPE (`CLIPTokenizer.clip()`, padding with "!"
+    for SD 2.x as open_clip does), others None."""
     path = Path(path)
     tensors, metadata = read_weights(path, trust_pickle=trust_pickle)
-    identify(path, {key: value.shape for key, value in tensors.items()})
-    configs, scheduler = _configs(tensors, metadata, path)
+    layout = identify_file(path, {key: value.shape for key, value in tensors.items()})
+    configs, scheduler = _configs(tensors, metadata, layout, path)
+    found = {key: value for key, value in tensors.items()
+             if not is_ignored(key) and not _unused_text_layer(key, tensors, configs["text_encoder"])}
+    networks = {}
+    for component, state in _split(found, configs, path).items():
+        networks[component] = materialize(component, configs[component], state, dtype=dtype, device=device,
+                                          what=f"{path} ({component})", memory_format=memory_format)
+    if scheduler is None:
+        scheduler = _scheduler_config(tensors.get("betas"), _prediction(tensors, layout, networks["unet"]))
+        if layout == "openclip" and scheduler["prediction_type"] == "v_prediction":
+            # only the default image size depends on it; the network is the same
+            networks["unet"].config = dataclasses.replace(configs["unet"], sample_size=SD2_V_SAMPLE_SIZE)
+    # A single file holds no tokenizer; SD's is CLIP's own, shipped with the package.
+    text = configs["text_encoder"]
+    tokenizer = None
+    if (text.vocab_size, text.max_positions) == CLIP_SHAPE:
+        tokenizer = (CLIPTokenizer.clip(pad_token=OPENCLIP_PAD_TOKEN) if text_layout(text) == "openclip"
+                     else CLIPTokenizer.clip())
+    return SDComponents(**networks, tokenizer=tokenizer, scheduler_config=scheduler)
+
+
+def _unused_text_layer(key: str, tensors: dict, text: CLIPTextConfig) -> bool:
+    """True for the last block of a whole OpenCLIP tower (its text_projection marks it): SD 2 stops before."""
+    prefix = TEXT_PREFIXES["openclip"]
+    if f"{prefix}text_projection" not in tensors or not key.startswith(f"{prefix}transformer.resblocks."):
+        return False
+    return int(key[len(f"{prefix}transformer.resblocks."):].split(".")[0]) >= text.num_layers
+
+
+def _prediction(tensors: dict, layout: str, unet: torch.nn.Module) -> str:
+    """ε or v for a file without our metadata: ComfyUI's marker, else SD v1.x's ε, else (SD 2.x) a probe."""
+    if V_PREDICTION_MARKER in tensors:
+        return "v_prediction"
+    return "epsilon" if layout == "clip" else probe_prediction(unet)
+
+
+def _split(found: dict[str, torch.Tensor], configs: dict, path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Each component's tensors under our names, after one strict check of the whole file in its own names
+    (VAE attention weights compared as linears, fused q/k/v as one tensor three times as tall)."""
     tables, expected, owner = {}, {}, {}            # owner: original key -> (component, our key)
     for component, config in configs.items():
         shapes = expected_shapes(build_on_meta(component, config))
         tables[component] = rename_table(component, config, shapes)
         for key, original in tables[component].items():
-            expected[original], owner[original] = shapes[key], (component, key)
-    # One check of the whole file, in its own key names; VAE attention weights are compared as linears.
-    found = {key: _to_ours(*owner[key], value) if key in owner else value
-             for key, value in tensors.items() if not is_ignored(key)}
+            shape = shapes[key]
+            if fused_index(key, original) is not None:
+                shape = torch.Size([3 * shape[0], *shape[1:]])
+            expected[original], owner[original] = shape, (component, key)
+    found = {key: _to_ours(*owner[key], value) if key in owner else value for key, value in found.items()}
     check_state_dict(expected, found, f"{path}")
-    networks = {}
-    for component, table in tables.items():
-        state = {key: found[original] for key, original in table.items()}
-        networks[component] = materialize(component, configs[component], state, dtype=dtype, device=device,
-                                          what=f"{path} ({component})", memory_format=memory_format)
-    # A single file holds no tokenizer; SD v1.x's is CLIP's own, shipped with the package.
-    text = configs["text_encoder"]
-    tokenizer = CLIPTokenizer.clip() if (text.vocab_size, text.max_positions) == CLIP_SHAPE else None
-    return SDComponents(**networks, tokenizer=tokenizer, scheduler_config=scheduler)
+    return {component: {key: _take(found[original], key, original) for key, original in table.items()}
+            for component, table in tables.items()}
+
+
+def _take(tensor: torch.Tensor, our_key: str, original_key: str) -> torch.Tensor:
+    index = fused_index(our_key, original_key)
+    return tensor if index is None else tensor.chunk(3)[index]         # q, k or v rows: a view
 
 
 def _to_ours(component: str, our_key: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -197,14 +238,24 @@ def _to_ours(component: str, our_key: str, tensor: torch.Tensor) -> torch.Tensor
     return tensor
 
 
+
 def to_original(components: SDComponents) -> dict[str, torch.Tensor]:
-    """All network weights under their original single-file names (views, no copies)."""
-    state = {}
+    """All network weights under their original single-file names (views, but OpenCLIP's fused q/k/v)."""
+    state, fused = {}, {}
     for component, network in components.networks().items():
+        if not isinstance(network.config, CONFIG_CLASSES[component]):
+            raise UserError(f"the original single-file layout has no place for this {component} "
+                            f"({type(network).__name__}); save a diffusers folder instead")
         ours = network.state_dict()
         for key, original in rename_table(component, network.config, ours).items():
-            tensor = ours[key]
-            state[original] = tensor[:, :, None, None] if is_conv_as_linear(component, key) else tensor
+            tensor, index = ours[key], fused_index(key, original)
+            if index is not None:
+                fused.setdefault(original, [None] * 3)[index] = tensor
+            else:
+                state[original] = tensor[:, :, None, None] if is_conv_as_linear(component, key) else tensor
+    state.update({original: torch.cat(parts) for original, parts in fused.items()})
+    if components.scheduler_config.get("prediction_type") == "v_prediction":
+        state[V_PREDICTION_MARKER] = torch.zeros(0)     # ComfyUI's mark, for files read without our metadata
     return state
 
 
@@ -212,7 +263,7 @@ def save_single_file(components: SDComponents, path: str | Path) -> None:
     """Write the original single-file layout: `.safetensors` (configs in its metadata) or `.ckpt`.
 
     The `.ckpt` is `{"state_dict": tensors}`, readable with `torch.load(weights_only=True)`; it cannot
-    carry the configs, so loading it infers them from shapes.
+    carry the configs, so loading it infers them from shapes (and a v model from its `v_pred` marker).
     """
     path = Path(path)
     state = to_original(components)

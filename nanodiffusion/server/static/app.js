@@ -1,27 +1,46 @@
-// The page: POST the form to /api/jobs (the A1111 txt2img body), poll GET /api/jobs/{id} for progress and
-// images, show each image as it finishes with its parameters and a download link. No build step.
+// The page: POST the form to /api/jobs (the A1111 txt2img body) or /api/jobs/img2img (with an init image and
+// a painted mask), poll GET /api/jobs/{id} for progress, previews and images, show each image as it finishes
+// with its parameters and a download link. No build step.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const POLL_MS = 250;
+const MIN_SHOWN = 256;          // images smaller than this are drawn enlarged (pixelated), at their aspect
 let currentJob = null;
+let maxSize = 2048;
+let painted = false;            // whether the mask canvas holds paint
 
 async function init() {
   const [info, samplers] = await Promise.all([getJson("/api/info"), getJson("/sdapi/v1/samplers")]);
   $("model").textContent = `${info.model} [${info.model_hash}] · ${info.dtype} on ${info.device}`;
+  maxSize = info.max_size;
   for (const id of ["width", "height"]) {
     $(id).value = info.native_size;
     $(id).max = info.max_size;
   }
+  $("steps").max = info.max_steps;
   $("num-images").replaceChildren(...range(1, info.max_images).map((n) => new Option(n, n)));
   $("sampler").replaceChildren(...samplers.map((s) => new Option(s.name, s.name)));
-  $("sampler").value = "Euler a";
+  showDefaults(info.defaults, samplers);
   $("seed-random").addEventListener("change", () => { $("seed").disabled = $("seed-random").checked; });
   $("form").addEventListener("submit", (event) => { event.preventDefault(); generate(); });
   $("prompt").addEventListener("keydown", (event) => {
     if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) generate();
   });
   $("cancel").addEventListener("click", cancel);
+  initEditing();
+}
+
+function showDefaults(defaults, samplers) {
+  // the model's own defaults (its generation_defaults.json): what the API uses when a field is left out
+  $("steps").value = defaults.steps;
+  $("guidance").value = defaults.cfg_scale;
+  const sampler = samplers.find((s) => s.aliases.includes(defaults.sampler));
+  if (sampler) $("sampler").value = sampler.name;
+  const schedule = defaults.schedule === "default" ? "Automatic" : defaults.schedule;
+  $("scheduler").value = schedule.charAt(0).toUpperCase() + schedule.slice(1);
+  $("strength").value = defaults.denoising_strength;
+  $("strength-value").textContent = defaults.denoising_strength;
 }
 
 function range(first, last) {
@@ -33,7 +52,8 @@ async function getJson(url, options) {
   const body = await response.json().catch(() => ({}));
   if (!response.ok) {
     let message = body.message || (typeof body.detail === "string" ? body.detail : response.statusText);
-    if (response.status === 429) message += ` (HTTP 429, retry after ${response.headers.get("Retry-After")} s)`;
+    const retry = response.headers.get("Retry-After");
+    if (response.status === 429) message += ` (HTTP 429, retry after ${retry} s)`;
     throw new Error(message);
   }
   return body;
@@ -55,13 +75,30 @@ function settings() {
   };
 }
 
+function editSettings() {
+  // img2img: the whole image is redrawn; with paint, only the painted area (A1111's inpainting fields)
+  if ($("canvas-box").hidden) return null;
+  const body = {
+    init_images: [$("init-canvas").toDataURL("image/png")],
+    denoising_strength: Number($("strength").value),
+  };
+  if (painted) {
+    // the paint is opaque on a transparent canvas: the server reads a transparent mask's alpha channel
+    Object.assign(body, { mask: $("mask-canvas").toDataURL("image/png"), inpaint_full_res: false,
+                          inpainting_fill: 1, mask_blur: 2 });
+  }
+  return body;
+}
+
 async function generate() {
   if (currentJob || !$("form").reportValidity()) return;
   showError(null);
   setBusy(true);
   try {
-    let job = await getJson("/api/jobs", {
-      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(settings()),
+    const edit = editSettings();
+    let job = await getJson(edit ? "/api/jobs/img2img" : "/api/jobs", {
+      method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ ...settings(), ...(edit || {}) }),
     });
     currentJob = job.id;
     const figures = newResultGroup();
@@ -81,6 +118,7 @@ async function generate() {
     $("status").textContent = "";
   } finally {
     currentJob = null;
+    showPreview(null);
     setBusy(false);
   }
 }
@@ -105,6 +143,31 @@ function showProgress(job) {
     $("status").textContent =
       `image ${job.image_index + 1}/${job.num_images}, step ${job.step}/${job.num_steps}`;
   }
+  showPreview(job.state === "running" ? job.preview : null);
+}
+
+function showPreview(preview) {
+  // the decoded denoised estimate of the image being made, refreshed when a newer step's is there
+  const img = $("preview-image");
+  if (!preview) {
+    $("preview").hidden = true;
+    return;
+  }
+  if (img.dataset.url !== preview.url) {
+    img.dataset.url = preview.url;
+    img.src = preview.url;
+    img.onload = () => sizeImage(img, img.naturalWidth, img.naturalHeight);
+  }
+  $("preview-caption").textContent = `preview at step ${preview.step}`;
+  $("preview").hidden = false;
+}
+
+function sizeImage(img, width, height) {
+  // drawn at its own aspect ratio; small images enlarged by a whole factor (CSS keeps them pixelated and
+  // shrinks wide ones to the column with height: auto)
+  const scale = Math.max(1, Math.floor(MIN_SHOWN / Math.max(width, height)));
+  img.width = width * scale;
+  img.height = height * scale;
 }
 
 function newResultGroup() {
@@ -120,19 +183,79 @@ function addImages(group, job) {
     const img = document.createElement("img");
     img.src = image.url;
     img.alt = image.parameters.split("\n")[0];
-    img.width = image.width;
-    img.height = image.height;
+    sizeImage(img, image.width, image.height);
     const caption = document.createElement("figcaption");
     const parameters = document.createElement("pre");
     parameters.textContent = image.parameters;
     const download = document.createElement("a");
     download.href = image.url;
-    download.download = `${image.seed}.png`;
-    download.textContent = `download PNG (seed ${image.seed})`;
+    download.download = image.filename;
+    download.textContent = `download ${image.filename}${image.partial ? " (interrupted)" : ""}`;
     caption.append(parameters, download);
     figure.append(img, caption);
     group.append(figure);
   }
+}
+
+function initEditing() {
+  $("strength").addEventListener("input", () => { $("strength-value").textContent = $("strength").value; });
+  $("init-file").addEventListener("change", () => loadInitImage($("init-file").files[0]));
+  $("clear-mask").addEventListener("click", clearMask);
+  $("remove-image").addEventListener("click", () => {
+    $("canvas-box").hidden = true;
+    $("init-file").value = "";
+  });
+  const mask = $("mask-canvas");
+  let drawing = false;
+  mask.addEventListener("pointerdown", (event) => {
+    drawing = true;
+    mask.setPointerCapture(event.pointerId);
+    paint(event);
+  });
+  mask.addEventListener("pointermove", (event) => { if (drawing) paint(event); });
+  mask.addEventListener("pointerup", () => { drawing = false; });
+}
+
+async function loadInitImage(file) {
+  if (!file) return;
+  const bitmap = await createImageBitmap(file).catch(() => null);
+  if (!bitmap) {
+    showError(`${file.name} is not an image this browser can read`);
+    return;
+  }
+  // the request's size follows the image: its sides rounded down to multiples of 8, within the limit
+  const fit = Math.min(1, maxSize / Math.max(bitmap.width, bitmap.height));
+  const width = Math.max(8, Math.floor((bitmap.width * fit) / 8) * 8);
+  const height = Math.max(8, Math.floor((bitmap.height * fit) / 8) * 8);
+  for (const canvas of [$("init-canvas"), $("mask-canvas")]) {
+    canvas.width = width;
+    canvas.height = height;
+  }
+  $("init-canvas").getContext("2d").drawImage(bitmap, 0, 0, width, height);
+  clearMask();
+  $("width").value = width;
+  $("height").value = height;
+  $("canvas-box").hidden = false;
+  $("canvas-box").style.aspectRatio = `${width} / ${height}`;
+}
+
+function clearMask() {
+  const mask = $("mask-canvas");
+  mask.getContext("2d").clearRect(0, 0, mask.width, mask.height);
+  painted = false;
+}
+
+function paint(event) {
+  const mask = $("mask-canvas");
+  const box = mask.getBoundingClientRect();
+  const scale = mask.width / box.width;
+  const context = mask.getContext("2d");
+  context.fillStyle = "rgb(255, 255, 255)";
+  context.beginPath();
+  context.arc((event.clientX - box.left) * scale, (event.clientY - box.top) * scale,
+              Number($("brush").value) * scale, 0, 2 * Math.PI);
+  context.fill();
+  painted = true;
 }
 
 function showError(message) {
