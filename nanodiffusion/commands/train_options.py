@@ -26,6 +26,8 @@ def add_data_arguments(p, *, datasets: str, image_size: int | None) -> None:
     data.add_argument("--num-shapes", type=int, default=60_000, help="coloured-shapes scenes (with shapes)")
     data.add_argument("--two-object-prob", type=float, default=0.3,
                       help="fraction of the shapes scenes with two objects and a relation")
+    data.add_argument("--num-class-images", type=int,
+                      help="the first N training images of each of mnist/fashion-mnist (default: all)")
 
 
 def add_loop_arguments(p, defaults: LoopConfig):
@@ -109,7 +111,7 @@ def load_captioned_data(args):
     from nanodiffusion.data.captioned import load_captioned
     return load_captioned(args.dataset, image_size=args.image_size, channels=args.channels,
                           data_dir=args.data_dir, seed=args.seed, num_shapes=args.num_shapes,
-                          two_object_prob=args.two_object_prob)
+                          two_object_prob=args.two_object_prob, num_class_images=args.num_class_images)
 
 
 def say(message: str) -> None:

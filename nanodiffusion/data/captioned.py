@@ -64,10 +64,11 @@ class CaptionedDataset(UInt8Images):
 
 def load_captioned(name_or_path: str, *, image_size: int | None = None, channels: int | None = None,
                    data_dir: str | None = None, seed: int = 0, num_shapes: int = 60_000,
-                   two_object_prob: float = 0.3) -> CaptionedDataset:
+                   two_object_prob: float = 0.3, num_class_images: int | None = None) -> CaptionedDataset:
     """Load "mnist", "fashion-mnist", "shapes" (`num_shapes` scenes drawn from `seed`, `two_object_prob` of
     them with two objects), a captioned image folder, or a mix joined by "+", at one size and channel count
-    (grayscale parts become RGB beside RGB ones).
+    (grayscale parts become RGB beside RGB ones). `num_class_images` keeps the first N of each MNIST-family
+    part.
 
     `image_size` None keeps the parts' own size (28 for MNIST-family, 32 for shapes alone); `channels`
     None is 3 if any part is in colour, else 1. `data_dir` is where MNIST-family files are looked up.
@@ -82,7 +83,10 @@ def load_captioned(name_or_path: str, *, image_size: int | None = None, channels
                         "pass an image folder itself as the data set")
     if SHAPES in names and channels == 1:
         raise UserError("the shapes data set is in colour (its captions name colours): use channels=3")
-    parts = {name: _load_part(name, image_size, channels, data_dir) for name in names if name != SHAPES}
+    if num_class_images is not None and num_class_images < 1:
+        raise UserError(f"num_class_images must be positive, got {num_class_images}")
+    parts = {name: _load_part(name, image_size, channels, data_dir, num_class_images)
+             for name in names if name != SHAPES}
     sizes = {name: part.images.shape[2:] for name, part in parts.items()}
     if len(set(sizes.values())) > 1:
         listed = ", ".join(f"{name} {tuple(size)}" for name, size in sizes.items())
@@ -107,12 +111,14 @@ def concat_captioned(datasets: list[CaptionedDataset]) -> CaptionedDataset:
 
 
 def mnist_captioned(name: str, image_size: int | None = None, channels: int | None = None,
-                    data_dir: str | None = None) -> CaptionedDataset:
-    """MNIST or Fashion-MNIST (train split), each image captioned by every wording of its class."""
+                    data_dir: str | None = None, num_items: int | None = None) -> CaptionedDataset:
+    """MNIST or Fashion-MNIST (the train split, or its first `num_items`), each image captioned by every
+    wording of its class."""
     data = load_dataset(name, image_size=image_size, channels=channels, data_dir=data_dir)
+    images, labels = data.images[:num_items], data.labels[:num_items]
     prompts = [class_prompts(name, label) for label in range(len(data.class_names))]
-    choices = tuple(prompts[label] for label in data.labels.tolist())
-    return CaptionedDataset(data.images, choices, ((name, len(data)),))
+    choices = tuple(prompts[label] for label in labels.tolist())
+    return CaptionedDataset(images, choices, ((name, len(images)),))
 
 
 def shapes_captioned(num_items: int, image_size: int, seed: int = 0,
@@ -213,7 +219,7 @@ def _split_names(name_or_path: str) -> list[str]:
 
 
 def _load_part(name: str, image_size: int | None, channels: int | None,
-               data_dir: str | None) -> CaptionedDataset:
+               data_dir: str | None, num_class_images: int | None) -> CaptionedDataset:
     if name in MNIST_FAMILY:
-        return mnist_captioned(name, image_size, channels, data_dir)
+        return mnist_captioned(name, image_size, channels, data_dir, num_class_images)
     return folder_captioned(name, image_size, channels)

@@ -148,6 +148,14 @@ class LatentTrainer:
     def state(self) -> TrainState:
         return self.run.state
 
+    @torch.no_grad()
+    def init_unet(self, unet: SDUNet) -> None:
+        """Start from the weights of a trained UNet of the same config (fine-tuning); its EMA too."""
+        if unet.config != self.unet.config:
+            raise UserError("the UNet to start from has another config than the one being trained")
+        for module in (self.unet, self.ema.shadow):
+            module.load_state_dict(unet.state_dict(), strict=True)
+
     def train_step(self, indices: torch.Tensor) -> dict[str, float]:
         """One optimizer step of eq. 2 on the global batch at `indices`; returns {"loss": ...}."""
         cfg, run, g = self.config, self.run, self.run.generator
