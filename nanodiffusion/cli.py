@@ -56,6 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:                # the machine's side: a file or disk that fails under us
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except MemoryError:
+        print("error: out of memory: ask for fewer or smaller images (or a smaller batch)", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

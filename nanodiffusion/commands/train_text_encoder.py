@@ -34,7 +34,8 @@ def run(args) -> None:
     config = TextEncoderTrainConfig(**loop_settings(args), hard_negatives=args.hard_negatives)
     trainer = TextEncoderTrainer(config, clip_config,
                                  text_config_for(tokenizer, text_base_config(args)), dataset, tokenizer)
-    resume_if_asked(trainer, args)
+    if resume_if_asked(trainer, args):
+        return
     params = sum(p.numel() for p in trainer.model.text_encoder.parameters())
     say(f"training a {params / 1e6:.2f}M-parameter text encoder ({tokenizer.vocab_size} tokens) with its "
         f"image encoder on {len(dataset)} captioned images; checkpoints in {args.out_dir}")

@@ -16,6 +16,7 @@ from nanodiffusion.training.export import load_component, load_tokenizer
 from nanodiffusion.training.latent_trainer import (
     PIPELINE_FOLDER, SMALL_UNET, LatentTrainConfig, LatentTrainer,
 )
+from nanodiffusion.validation import finite_float
 from nanodiffusion.weights.models import BUILTIN_TEXT_TO_IMAGE
 
 
@@ -42,13 +43,13 @@ def add_arguments(p) -> None:
     model.add_argument("--num-heads", type=int, default=SMALL_UNET.num_heads)
     model.add_argument("--num-res-blocks", type=int, default=SMALL_UNET.num_res_blocks)
     train = add_denoising_arguments(p, model, defaults, schedule="scaled_linear")
-    train.add_argument("--caption-dropout", type=float, default=defaults.caption_dropout,
+    train.add_argument("--caption-dropout", type=finite_float, default=defaults.caption_dropout,
                        help="probability of training on the empty caption, for classifier-free guidance")
     train.add_argument("--sample-posterior", action="store_true",
                        help="train on a fresh z ~ q(z|x) at each visit instead of the posterior mean")
     train.add_argument("--sample-prompt", action="append", default=[],
                        help="a prompt of the sample grids (repeat; default: the first captions)")
-    train.add_argument("--sample-guidance", type=float, default=defaults.sample_guidance_scale,
+    train.add_argument("--sample-guidance", type=finite_float, default=defaults.sample_guidance_scale,
                        help="guidance scale of the sample grids")
 
 
@@ -79,7 +80,8 @@ def run(args) -> None:
     trainer = LatentTrainer(config, unet_config, schedule_for(args), dataset, vae, text_encoder, tokenizer)
     if args.init_unet:
         trainer.init_unet(init)
-    resume_if_asked(trainer, args)
+    if resume_if_asked(trainer, args):
+        return
     params = sum(p.numel() for p in trainer.unet.parameters())
     text = "trained with it" if config.train_text_encoder else "frozen"
     say(f"training a {params / 1e6:.2f}M-parameter UNet (text encoder {text}) on {len(dataset)} captioned "

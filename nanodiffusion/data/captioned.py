@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from nanodiffusion.data.captions import class_prompts
 from nanodiffusion.data.datasets import UInt8Images, load_dataset
-from nanodiffusion.data.folder import list_images, read_image_folder
+from nanodiffusion.data.folder import check_images_fit, list_images, read_image_folder
 from nanodiffusion.data.mnist import MNIST_FAMILY
 from nanodiffusion.data.shapes import ShapesDataset
 from nanodiffusion.data.shapes_captions import caption_choices
@@ -125,6 +125,7 @@ def shapes_captioned(num_items: int, image_size: int, seed: int = 0,
                      two_object_prob: float = 0.3) -> CaptionedDataset:
     """The first `num_items` scenes of `ShapesDataset(image_size, seed, two_object_prob=...)`, rendered
     (0.2 ms each at 32x32), each captioned by every wording of `shapes_captions.caption_choices`."""
+    check_images_fit(num_items, 3, image_size, working=0)
     shapes = ShapesDataset(image_size, seed=seed, num_items=num_items, two_object_prob=two_object_prob)
     images = torch.empty((num_items, 3, image_size, image_size), dtype=torch.uint8)
     choices = []

@@ -70,9 +70,14 @@ def generate_each(pipe, request: GenerationRequest, num_images: int, model: Mode
                     continue
                 raise
             image, done, stop = to_pil(pipe.decode_latents(latest[0]))[0], image_request, error
-        text = png_text(done, model)
+        text = png_text(done, model, img2img=edit is not None, lora_hashes=_lora_hashes(pipe))
         if stop is not None:
             text[PARAMETERS_KEY] += ", Interrupted: true"
         yield MadeImage(edit.finish(image) if edit is not None else image, text, done, stop is not None)
         if stop is not None and not stop.resume:
             raise stop
+
+
+def _lora_hashes(pipe) -> dict[str, str]:
+    """The LoRAs active in `pipe` now ({} for a pipeline without LoRAs: DDPM's, the server tests' fakes)."""
+    return pipe.lora_hashes() if hasattr(pipe, "lora_hashes") else {}

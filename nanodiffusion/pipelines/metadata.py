@@ -15,13 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nanodiffusion import __version__
-from nanodiffusion.diffusion.samplers import SAMPLERS, resolve_sampler
+from nanodiffusion.diffusion.samplers import SAMPLERS, resolve_sampler, sampler_options
 from nanodiffusion.diffusion.sampling_plan import SIGMA_SCHEDULES
 from nanodiffusion.errors import UserError
 
 PARAMETERS_KEY = "parameters"
 SETTINGS_KEY = "nanodiffusion"
 SETTINGS_FORMAT = 1
+# A1111's infotext names of the standard sampler options (its k-diffusion samplers' "Eta", its DDIM's
+# "Eta DDIM"); like A1111 the text names an option only where it differs from the sampler's default.
+OPTION_LABELS = {"eta": "Eta", "s_churn": "Sigma churn", "s_tmin": "Sigma tmin", "s_tmax": "Sigma tmax",
+                 "s_noise": "Sigma noise"}
 
 @dataclass(frozen=True)
 class ModelRecord:
@@ -33,6 +37,9 @@ class ModelRecord:
     dtype: str                      # "fp32", "fp16" or "bf16"
     device: str                     # device type: "cpu", "cuda"
     vae_tile: int | None = None     # latent pixels per tile when the VAE decoded in tiles
+    loras: tuple[tuple[str, float], ...] = ()   # LoRA files applied to every image (generate --lora PATH:W)
+    lora_dir: str | None = None     # where <lora:NAME:W> in prompts was looked up
+    embeddings_dir: str | None = None   # the textual-inversion embeddings loaded
 
     @property
     def name(self) -> str:
@@ -40,14 +47,19 @@ class ModelRecord:
         return self.path.stem if self.path.is_file() else Path(self.argument).name
 
 
-def png_text(request, model: ModelRecord) -> dict[str, str]:
-    """Both text chunks of an image of `request` (one prompt, its seed filled in) made by `model`."""
-    return {PARAMETERS_KEY: a1111_parameters(request, model.name, model.hash),
-            SETTINGS_KEY: settings_json(request, model)}
+def png_text(request, model: ModelRecord, *, img2img: bool = False,
+             lora_hashes: dict[str, str] | None = None) -> dict[str, str]:
+    """Both text chunks of an image of `request` (one prompt, its seed filled in) made by `model`, from an
+    init image if `img2img`, with the LoRAs `lora_hashes` ({name: A1111 short hash}) active."""
+    return {PARAMETERS_KEY: a1111_parameters(request, model.name, model.hash, img2img=img2img,
+                                             lora_hashes=lora_hashes),
+            SETTINGS_KEY: settings_json(request, model, img2img=img2img, lora_hashes=lora_hashes)}
 
 
-def a1111_parameters(request, model_name: str | None, model_hash: str | None) -> str:
-    """A1111's infotext for one image of `request` (a GenerationRequest with one prompt and seed filled in).
+def a1111_parameters(request, model_name: str | None, model_hash: str | None, *,
+                     img2img: bool = False, lora_hashes: dict[str, str] | None = None) -> str:
+    """A1111's infotext for one image of `request` (a GenerationRequest with one prompt and seed filled in),
+    with its "Denoising strength" if it was made from an init image (`img2img`), its "Lora hashes" if any.
 
     As A1111: no negative line when there is no negative prompt, no schedule type for the sampler's own, and
     values holding a comma, colon or newline are written as JSON strings.
@@ -66,7 +78,11 @@ def a1111_parameters(request, model_name: str | None, model_hash: str | None) ->
         "Size": f"{request.width}x{request.height}",
         "Model hash": model_hash,
         "Model": model_name,
+        "Denoising strength": f"{request.strength:g}" if img2img else None,
         "Clip skip": request.clip_skip if request.clip_skip != 1 else None,
+        **_option_labels(request),
+        "Lora hashes": ", ".join(f"{name}: {digest}" for name, digest in lora_hashes.items())
+        if lora_hashes else None,
         "Version": f"nanodiffusion {__version__}",
     }
     lines.append(", ".join(f"{key}: {_quote(str(value))}" for key, value in settings.items()
@@ -74,16 +90,32 @@ def a1111_parameters(request, model_name: str | None, model_hash: str | None) ->
     return "\n".join(lines)
 
 
+def _option_labels(request) -> dict[str, object]:
+    """A1111's infotext entries of the request's sampler options that differ from the sampler's defaults."""
+    sampler = resolve_sampler(request.sampler)
+    defaults = sampler_options(sampler)
+    labels = {**OPTION_LABELS, "eta": "Eta DDIM" if sampler == "ddim" else "Eta"}
+    return {labels[name]: value for name, value in request.sampler_options.items()
+            if name in labels and value != defaults[name]}
+
+
 def _quote(value: str) -> str:
     return json.dumps(value, ensure_ascii=False) if any(c in value for c in ",:\n") else value
 
 
-def settings_json(request, model: ModelRecord) -> str:
-    """Our own text chunk: the request and what else decides the pixels (model, dtype, device, and the VAE
-    tile size when the image was decoded in tiles)."""
+def settings_json(request, model: ModelRecord, *, img2img: bool = False,
+                  lora_hashes: dict[str, str] | None = None) -> str:
+    """Our own text chunk: the request and what else decides the pixels (model, dtype, device, the VAE tile
+    size when the image was decoded in tiles, whether an init image, which the PNG does not hold, did, and
+    the adapters when there are any)."""
     run = {"model": model.argument, "model_hash": model.hash, "dtype": model.dtype, "device": model.device}
     if model.vae_tile is not None:
         run["vae_tile"] = model.vae_tile
+    if img2img:
+        run["img2img"] = True
+    adapters = {"loras": [list(lora) for lora in model.loras], "lora_dir": model.lora_dir,
+                "embeddings_dir": model.embeddings_dir, "lora_hashes": lora_hashes}
+    run.update({key: value for key, value in adapters.items() if value})
     return json.dumps({"format": SETTINGS_FORMAT, "version": __version__, "request": request.to_dict(),
                        **run}, ensure_ascii=False)
 
@@ -97,7 +129,21 @@ def read_settings(text: dict[str, str], source: str) -> dict:
         settings = json.loads(text[SETTINGS_KEY])
     except json.JSONDecodeError as error:
         raise UserError(f"{source}: the nanodiffusion settings are not valid JSON ({error})") from None
+    if not isinstance(settings, dict):
+        raise UserError(f"{source}: the nanodiffusion settings are a JSON {type(settings).__name__}, "
+                        "not an object")
     if settings.get("format") != SETTINGS_FORMAT:
         raise UserError(f"{source}: unknown settings format {settings.get('format')!r}; "
                         f"this version reads format {SETTINGS_FORMAT}")
+    for key, kinds in _SETTINGS_TYPES.items():
+        value = settings.get(key)
+        if not isinstance(value, kinds) or isinstance(value, bool):
+            names = " or ".join("null" if kind is type(None) else _JSON_NAMES[kind] for kind in kinds)
+            raise UserError(f"{source}: the nanodiffusion settings' {key!r} must be {names}, got {value!r}")
     return settings
+
+
+# format 1: what each entry of our text chunk holds (null: not recorded); a tampered chunk is an error
+_SETTINGS_TYPES = {"request": (dict,), "model": (str,), "dtype": (str,), "model_hash": (str, type(None)),
+                   "device": (str, type(None)), "vae_tile": (int, type(None))}
+_JSON_NAMES = {dict: "an object", str: "a string", int: "an integer"}

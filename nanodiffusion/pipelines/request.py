@@ -3,17 +3,19 @@ generation defaults a model folder may carry.
 """
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from nanodiffusion.config import JSONConfig
-from nanodiffusion.diffusion.samplers import resolve_sampler
+from nanodiffusion.diffusion.sampler_options import check_options
+from nanodiffusion.diffusion.samplers import get_sampler, resolve_sampler
 from nanodiffusion.diffusion.sampling_plan import check_sigma_schedule
 from nanodiffusion.diffusion.schedules import check_num_steps
-from nanodiffusion.errors import UserError
+from nanodiffusion.errors import UserError, UserTypeError
+from nanodiffusion.validation import check_float, check_int, check_seed, check_text
 
 DEFAULT_SAMPLER = "pndm"                # diffusers' default for SD v1.x (our plms)
 OUTPUT_TYPES = ("pil", "np", "latent")
@@ -39,30 +41,36 @@ class GenerationRequest(JSONConfig):
     strength: float = 0.8                # img2img and inpainting only: the fraction of the steps run
     clip_skip: int = 1                   # 2: the penultimate CLIP layer (A1111's "Clip skip")
     emphasis: bool = True                # read A1111's (word:1.3) / [word] syntax in prompts
+    # the sampler's own options (diffusion/sampler_options.py), e.g. {"eta": 0.5}; left out: its defaults
+    sampler_options: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        prompts = self.prompts
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise UserError("prompt must be a string or a non-empty list of strings")
-        negative = self.negative_prompt
-        if isinstance(negative, (list, tuple)) and len(negative) != len(prompts):
-            raise UserError(f"got {len(prompts)} prompts but {len(negative)} negative prompts: pass one "
-                            "negative prompt for all, or one per prompt")
+        """The checks of every field, for a pipeline call, a PNG's stored settings and the server alike."""
+        prompts = _texts("prompt", self.prompt)
+        if self.negative_prompt is not None:
+            negatives = _texts("negative_prompt", self.negative_prompt)
+            if not isinstance(self.negative_prompt, str) and len(negatives) != len(prompts):
+                raise UserError(f"got {len(prompts)} prompts but {len(negatives)} negative prompts: pass one "
+                                "negative prompt for all, or one per prompt")
         check_num_steps(self.num_steps)
-        if not self.guidance_scale >= 0:
-            raise UserError(f"guidance scale must be >= 0, got {self.guidance_scale}")
+        check_float("guidance_scale", self.guidance_scale, minimum=0)
+        if self.seed is not None:
+            check_seed(self.seed)
         for name in ("height", "width"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 8 or value % 8):
+            if value is not None and (check_int(name, value) < 8 or value % 8):
                 raise UserError(f"{name} must be a positive multiple of 8, got {value!r}")
-        if not isinstance(self.num_images_per_prompt, int) or self.num_images_per_prompt < 1:
-            raise UserError(f"num_images_per_prompt must be >= 1, got {self.num_images_per_prompt!r}")
-        resolve_sampler(self.sampler)
-        check_sigma_schedule(self.sigma_schedule)
-        if not 0 <= self.strength <= 1:
-            raise UserError(f"strength must be between 0 and 1, got {self.strength}")
-        if not isinstance(self.clip_skip, int) or self.clip_skip < 1:
-            raise UserError(f"clip_skip must be an integer >= 1, got {self.clip_skip!r}")
+        check_int("num_images_per_prompt", self.num_images_per_prompt, minimum=1)
+        sampler = resolve_sampler(check_text("sampler", self.sampler))
+        options = self.sampler_options
+        if not isinstance(options, dict) or not all(isinstance(name, str) for name in options):
+            raise UserTypeError(f"sampler_options must map option names to values, got {options!r}")
+        check_options(sampler, get_sampler(self.sampler), options)
+        check_sigma_schedule(check_text("sigma_schedule", self.sigma_schedule))
+        check_float("strength", self.strength, 0, 1)
+        check_int("clip_skip", self.clip_skip, minimum=1)
+        if not isinstance(self.emphasis, bool):
+            raise UserTypeError(f"emphasis must be True or False, got {self.emphasis!r}")
 
     @property
     def prompts(self) -> list[str]:
@@ -85,6 +93,18 @@ class GenerationRequest(JSONConfig):
         if unknown:
             raise UserError(f"unknown generation settings: {', '.join(sorted(unknown))}")
         return cls(prompt, negative_prompt, **settings)
+
+
+def _texts(name: str, value) -> list[str]:
+    """A prompt argument as a list: a string, or a non-empty list or tuple of strings."""
+    if isinstance(value, str):
+        return [check_text(name, value)]
+    if not isinstance(value, (list, tuple)):
+        raise UserTypeError(f"{name} must be a string or a non-empty list of strings, got {value!r} "
+                            f"({type(value).__name__})")
+    if not value:
+        raise UserError(f"{name} must be a string or a non-empty list of strings, got an empty list")
+    return [check_text(f"{name}[{i}]", text) for i, text in enumerate(value)]
 
 
 @dataclass

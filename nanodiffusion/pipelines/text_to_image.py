@@ -18,6 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from nanodiffusion.adapters import LoRAAdapters, load_textual_inversion
+from nanodiffusion.adapters.prompt_loras import LoRAFolder, PromptLoRAs
+from nanodiffusion.adapters.textual_inversion import load_embedding_folder
 from nanodiffusion.diffusion.denoisers import (
     Denoiser, cfg_denoiser, inpainting_denoiser, lcm_boundary_condition,
 )
@@ -29,14 +31,16 @@ from nanodiffusion.diffusion.sampling_plan import (
 from nanodiffusion.errors import UserError
 from nanodiffusion.images import to_pil
 from nanodiffusion.nets.vae_tiling import decode_sliced, decode_tiled
+from nanodiffusion.pipelines.arguments import check_generate_inputs, diverged_message
 from nanodiffusion.pipelines.img2img import ImageInput, prepare_images, prepare_mask
 from nanodiffusion.pipelines.prompts import count_chunks, encode_prompts
 from nanodiffusion.pipelines.request import (
-    OUTPUT_TYPES, GenerationRequest, TextToImageOutput, check_generation_defaults, read_generation_defaults,
+    GenerationRequest, TextToImageOutput, check_generation_defaults, read_generation_defaults,
 )
 from nanodiffusion.weights import file_pages, load_sd, load_vae
 from nanodiffusion.weights.components import SD15_SCHEDULER, resolve_dtype
-from nanodiffusion.weights.families import FAMILY_DEFAULTS, detect_family
+from nanodiffusion.validation import resolve_device
+from nanodiffusion.weights.families import model_defaults
 from nanodiffusion.weights.models import model_path
 
 
@@ -64,6 +68,7 @@ class TextToImage:
         self.denoiser = Denoiser(self._eps, self.schedule.alphas_cumprod, self.schedule.prediction)
         self.generation_defaults = check_generation_defaults(generation_defaults or {})
         self.show_progress = True
+        self.embeddings: tuple[dict, dict] = ({}, {})     # (loaded, skipped) of load_embeddings_dir
         # Memory-bounded VAE decoding (nets/vae_tiling.py): tiles of this many latent pixels (None: whole
         # images), overlapping by vae_tile_overlap; vae_slicing decodes the images of a batch one by one.
         self.vae_tile_size: int | None = None
@@ -88,6 +93,7 @@ class TextToImage:
         bf16 on a CPU (measured faster there for both networks: benchmarks/README.md) and leaves the rest.
         """
         path = model_path(path_or_repo)
+        device = resolve_device(device)
         if memory_format is None:
             on_cpu = torch.device(device).type == "cpu"
             memory_format = torch.channels_last if on_cpu and resolve_dtype(dtype) == torch.bfloat16 \
@@ -96,13 +102,17 @@ class TextToImage:
         parts = load_sd(path, dtype=dtype, device=device, tokenizer=tokenizer,
                         memory_format=memory_format)
         if parts.tokenizer is None:
-            raise UserError(f"{path_or_repo} holds no tokenizer and its text encoder is not CLIP's (SD v1.x's):"
-                            " pass tokenizer=CLIPTokenizer.from_pretrained(the model's tokenizer folder)")
+            raise UserError(f"{path_or_repo} holds no tokenizer and its text encoder is not CLIP's "
+                            "(SD v1.x's): in Python pass tokenizer=CLIPTokenizer.from_pretrained(the model's "
+                            "tokenizer folder); on the command line make it a diffusers folder first: "
+                            "nanodiffusion convert FILE FOLDER --tokenizer TOKENIZER_FOLDER, then --model "
+                            "FOLDER")
         if vae is not None:
             parts.vae = vae if isinstance(vae, torch.nn.Module) else load_vae(
                 vae, dtype=dtype, device=device, memory_format=memory_format)
-        # the model family's settings (SD-Turbo: 1 step, no guidance), then the folder's own file
-        defaults = {**FAMILY_DEFAULTS[detect_family(parts.text_encoder.config, parts.scheduler_config)],
+        # the model family's settings (SD-Turbo: 1 step, no guidance) and its scheduler class's sampler (DDIM
+        # for SD 2.1), then the folder's own file
+        defaults = {**model_defaults(parts.text_encoder.config, parts.scheduler_config),
                     **(read_generation_defaults(path) if path.is_dir() else {})}
         return cls(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.scheduler_config,
                    generation_defaults=defaults)
@@ -191,14 +201,13 @@ class TextToImage:
         `image`: init image(s) for img2img, one or one per prompt; `mask_image`: repaint where it is white;
         `callback(i, x, denoised)` runs after each step (`decode_latents(denoised)` previews it).
         """
-        if output_type not in OUTPUT_TYPES:
-            raise UserError(f"unknown output_type {output_type!r}; valid: {', '.join(OUTPUT_TYPES)}")
-        if mask_image is not None and image is None:
-            raise UserError("mask_image needs the image to inpaint: pass image= too")
+        check_generate_inputs(self, request, generator=generator, latents=latents, image=image,
+                              mask_image=mask_image, output_type=output_type, callback=callback)
         init_images = prepare_images(image) if image is not None else None
         request, generator = self._settle(request, generator, init_images)
         sampler = resolve_sampler(request.sampler)
-        model = self._guided_denoiser(request)
+        texts = self.prompt_loras.apply(request.prompts)              # <lora:NAME:W> tags applied, then cut
+        model = self._guided_denoiser(replace(request, prompt=texts))
         sigmas = self.sigmas(sampler, request.num_steps, request.sigma_schedule)
         if init_images is None:
             noise = self._noise(request, generator, latents)
@@ -212,8 +221,10 @@ class TextToImage:
                 mask = prepare_mask(mask_image, request.height, request.width, self.vae_factor)
                 mask = mask.to(self.device)
                 model = inpainting_denoiser(model, original, noise, mask)
-        x = self._sample(sampler, model, x, sigmas, generator, callback)
+        x = self._sample(sampler, model, x, sigmas, generator, callback, request.sampler_options)
         x = final_latent(sampler, x, sigmas)
+        if not x.isfinite().all():
+            raise UserError(diverged_message(self.dtype, request.guidance_scale))
         if mask_image is not None:
             x = mask * x + (1 - mask) * original              # DDIM and PLMS end above sigma = 0
         return TextToImageOutput(self._postprocess(x, output_type), request)
@@ -294,7 +305,7 @@ class TextToImage:
         latents = latents * self.vae.config.scaling_factor
         return latents.repeat_interleave(self._latent_shape(request)[0] // len(latents), dim=0)
 
-    def _sample(self, sampler: str, model, x, sigmas, generator, callback) -> torch.Tensor:
+    def _sample(self, sampler: str, model, x, sigmas, generator, callback, options: dict) -> torch.Tensor:
         bar = tqdm(total=len(sigmas) - 1, desc="sampling", disable=not self.show_progress, leave=False)
 
         def step(i, x_i, denoised):
@@ -305,7 +316,7 @@ class TextToImage:
         function = SAMPLERS[sampler].function
         # TCD reads the timesteps, PLMS extrapolates the network's own output (diffusers' PNDMScheduler)
         inputs = schedule_inputs(function, self.schedule.alphas_cumprod, self.schedule.prediction)
-        x = function(model, x, sigmas, generator=generator, callback=step, **inputs)
+        x = function(model, x, sigmas, generator=generator, callback=step, **inputs, **options)
         bar.close()
         return x
 
@@ -315,6 +326,8 @@ class TextToImage:
 
         NaNs from a float16 VAE (it overflows on some latents) are reported and the VAE is upcast to float32.
         """
+        if not latents.isfinite().all():
+            raise UserError(diverged_message(self.dtype))
         z = latents / self.vae.config.scaling_factor
         vae_dtype = next(self.vae.parameters()).dtype
         images = self._decode(z.to(self.device, vae_dtype))
@@ -324,8 +337,7 @@ class TextToImage:
             self.vae.float()
             images = self._decode(z.to(self.device, torch.float32))
         if not images.isfinite().all():
-            raise UserError("the image has NaN pixels: the UNet overflowed (try dtype bfloat16 or float32)"
-                            if not latents.isfinite().all() else "the VAE produced NaN pixels")
+            raise UserError("the VAE produced NaN pixels from finite latents")
         return images
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -376,3 +388,23 @@ class TextToImage:
     def load_textual_inversion(self, path: str | Path, token: str | None = None) -> str:
         """Add a textual-inversion embedding to the tokenizer and text encoder; returns its prompt token."""
         return load_textual_inversion(self.text_encoder, self.tokenizer, path, token)
+
+    # A1111's folders: <lora:NAME:W> in prompts from a LoRA folder, embeddings named by their files.
+    @functools.cached_property
+    def prompt_loras(self) -> PromptLoRAs:
+        """Applies the `<lora:NAME:W>` tags of each generation's prompts (adapters/prompt_loras.py)."""
+        return PromptLoRAs(self.lora)
+
+    def set_lora_dir(self, folder: str | Path | None) -> None:
+        """Where `<lora:NAME:W>` in a prompt finds NAME.safetensors (None: tags are an error)."""
+        self.prompt_loras.folder = LoRAFolder(folder) if folder is not None else None
+
+    def load_embeddings_dir(self, folder: str | Path) -> tuple[dict, dict]:
+        """Load every textual-inversion embedding in `folder`, each named by its file's stem; returns
+        (loaded, skipped) as A1111's GET /sdapi/v1/embeddings, also kept in `self.embeddings`."""
+        self.embeddings = load_embedding_folder(self.text_encoder, self.tokenizer, folder)
+        return self.embeddings
+
+    def lora_hashes(self) -> dict[str, str]:
+        """{name: A1111 short hash} of the active LoRAs: the "Lora hashes" of the images made now."""
+        return self.prompt_loras.hashes()

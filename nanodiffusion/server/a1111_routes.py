@@ -103,6 +103,9 @@ def _add_model_routes(app: FastAPI, service: Service) -> None:
     app.get("/sdapi/v1/schedulers", tags=["a1111"])(answers.schedulers)
     app.get("/sdapi/v1/memory", tags=["a1111"])(answers.memory)
     app.get("/sdapi/v1/cmd-flags", tags=["a1111"])(lambda: service.settings.flags)
+    app.get("/sdapi/v1/loras", tags=["a1111"])(lambda: answers.loras(service.pipe()))
+    app.post("/sdapi/v1/refresh-loras", tags=["a1111"])(lambda: {})      # the listing scans the folder
+    app.get("/sdapi/v1/embeddings", tags=["a1111"])(lambda: answers.embeddings(service.pipe()))
     for name, listing in answers.EMPTY_LISTINGS.items():
         app.get(f"/sdapi/v1/{name}", tags=["a1111"])(lambda listing=listing: listing)
 
@@ -151,7 +154,7 @@ async def _generate(service: Service, body: Txt2ImgRequest, request: Request, ed
         return AsciiJSONResponse({"detail": "the client went away: the job was cancelled"}, status_code=499)
     if job.state == FAILED:
         return AsciiJSONResponse({"error": "generation failed", "detail": job.error}, status_code=500)
-    info = answers.generation_info(body, job.request, job.images, service.registry.served,
+    info = answers.generation_info(body, job.request, job.images, job.model or service.registry.served,
                                    interrupted=job.cancel_requested)
     return {"images": [base64.b64encode(image.png).decode("ascii") for image in job.images],
             "parameters": body.echo(job.request), "info": dumps(info)}

@@ -71,7 +71,9 @@ class Service:
         if isinstance(job.request, ModelSwitch):
             self.registry.switch(job.request.name)
         else:
-            run_job(self.registry.pipe, self.registry.served, job, self.previews)
+            # the answer names this model even when a switch queued behind the job has run by then
+            job.model = self.registry.served
+            run_job(self.registry.pipe, job.model, job, self.previews)
 
     def pipe(self):
         """The loaded pipeline; ModelLoading while a switch has unloaded it."""
@@ -89,6 +91,8 @@ class Service:
         pipe = self.pipe()
         seed = body.seed if body.seed != -1 else random.randrange(2**32)
         request = body.generation_request(seed, self.defaults(), pipe.native_size)
+        if hasattr(pipe, "prompt_loras"):               # <lora:NAME:W>: unknown names are refused here
+            pipe.prompt_loras.check(request.prompts)
         sigmas = pipe.sigmas(request.sampler, request.num_steps, request.sigma_schedule)  # e.g. LCM's limits
         self.settings.limits.check(body, request, unet_parameters(pipe))
         steps = request.num_steps if edits is None or sigmas is None \

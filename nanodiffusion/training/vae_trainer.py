@@ -21,6 +21,7 @@ from nanodiffusion.nets.vae import AutoencoderKL, DiagonalGaussian, VAEConfig
 from nanodiffusion.training import distributed
 from nanodiffusion.training.export import save_component
 from nanodiffusion.training.run_state import LoopConfig, RunState, TrainState
+from nanodiffusion.validation import check_float
 
 # A small VAE for 32x32 images: 4x smaller latents (8x8x4), 0.95M parameters.
 SMALL_VAE = VAEConfig(block_channels=(32, 64, 64), layers_per_block=1, norm_groups=16, sample_size=32)
@@ -38,9 +39,8 @@ class VAETrainConfig(LoopConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.recon_std <= 0 or self.kl_weight < 0:
-            raise UserError(f"need recon_std > 0 and kl_weight >= 0, got {self.recon_std} and "
-                            f"{self.kl_weight}")
+        check_float("recon_std", self.recon_std, above=0)
+        check_float("kl_weight", self.kl_weight, minimum=0)
         if self.scale_images < 1:
             raise UserError(f"scale_images must be >= 1, got {self.scale_images}")
 
