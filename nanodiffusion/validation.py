@@ -5,6 +5,7 @@ this machine.
 """
 
 import argparse
+import json
 import math
 import os
 
@@ -65,6 +66,17 @@ def check_text(name: str, value) -> str:
         raise UserError(f"{name} is not valid text: character {error.start} is a lone surrogate "
                         f"({value[error.start]!r}), as invalid UTF-8 bytes become; write it in UTF-8") \
             from None
+    return value
+
+
+def json_object(text: str, what: str) -> dict:
+    """The JSON object in `text`; a UserError saying `what` is damaged when it is not JSON or not an object."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UserError(f"{what} is not valid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{what} is a JSON {type(value).__name__}, not an object")
     return value
 
 

@@ -75,6 +75,18 @@ def test_mix_is_a_concatenation_in_rgb_at_one_size(data_dir):
     assert load_captioned("mnist+shapes", data_dir=data_dir, num_shapes=2).image_size == 28   # MNIST's size
 
 
+def test_num_class_images_keeps_the_first_images_of_each_mnist_family_part(data_dir):
+    full = load_captioned("fashion-mnist+mnist+shapes", image_size=16, data_dir=data_dir, num_shapes=4)
+    part = load_captioned("fashion-mnist+mnist+shapes", image_size=16, data_dir=data_dir, num_shapes=4,
+                          num_class_images=5)
+    assert part.parts == (("fashion-mnist", 5), ("mnist", 5), ("shapes", 4))
+    kept = torch.cat([torch.arange(5), torch.arange(64, 69), torch.arange(128, 132)])
+    assert torch.equal(part.images, full.images[kept])
+    assert [part.caption(i) for i in range(14)] == [full.caption(i) for i in kept.tolist()]
+    with pytest.raises(UserError, match="num_class_images must be positive, got 0"):
+        load_captioned("mnist", data_dir=data_dir, num_class_images=0)
+
+
 @pytest.mark.parametrize("convention", ["jsonl", "txt"])
 def test_captioned_folder(tmp_path, convention):
     # All images in sub-folders (or all directly inside): read_image_folder refuses a mix of the two.

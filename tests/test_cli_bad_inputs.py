@@ -134,8 +134,8 @@ def test_generate_refuses_prompts(workdir, capsys, prompt, message):
     ("seed-huge", "seed must be an integer from 0 to 2\\*\\*64 - 1, got 1180591620717411303424"),
     ("model-number", "'model' must be a string, got 3"),
     ("size-huge", "one 100000x100000 image needs about [0-9.]+ GiB of memory"),
-    ("not-json", "the nanodiffusion settings are not valid JSON"),
-    ("settings-list", "the nanodiffusion settings are a JSON list, not an object"),
+    ("not-json", "the nanodiffusion settings text is not valid JSON"),
+    ("settings-list", "the nanodiffusion settings text is a JSON list, not an object"),
 ])
 def test_generate_from_a_tampered_png_is_refused(workdir, capsys, png, message):
     err = run_error(["generate", "--from", f"{png}.png"], capsys)
@@ -144,7 +144,7 @@ def test_generate_from_a_tampered_png_is_refused(workdir, capsys, png, message):
 
 def test_info_reads_a_broken_settings_chunk_as_an_error(workdir, capsys):
     err = run_error(["info", "--json", "settings-list.png"], capsys)
-    assert "settings-list.png: the nanodiffusion settings are a JSON list" in err
+    assert "settings-list.png: the nanodiffusion settings text is a JSON list" in err
 
 
 SAMPLE = [

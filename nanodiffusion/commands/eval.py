@@ -60,8 +60,10 @@ def add_arguments(p) -> None:
     text = p.add_argument_group("text-to-image models")
     text.add_argument("--prompts", nargs="+", choices=PROMPT_SETS, default=list(PROMPT_SETS),
                       help="prompt sets to judge (default: all)")
-    text.add_argument("--images-per-class", type=int, default=50, help="images per class prompt")
-    text.add_argument("--num-shapes", type=int, default=200, help="coloured-shapes prompts")
+    text.add_argument("--images-per-class", type=int, default=100, help="images per class prompt")
+    text.add_argument("--num-shapes", type=int, default=300,
+                      help="coloured-shapes prompts (as the training scenes: 30 %% with two objects)")
+    text.add_argument("--num-relations", type=int, default=300, help="two-object prompts (relations)")
     p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same images")
     p.add_argument("--sweep", action="store_true", help="tabulate every sampler x step count")
     p.add_argument("--batch-size", type=int, default=250, help="images sampled at a time")
@@ -111,13 +113,14 @@ def run(args) -> None:
 
 def run_text_to_image(args, samplers, step_counts) -> None:
     """Prompt adherence of a text-to-image model (sampler, steps and guidance default to the model's)."""
-    if args.images_per_class < 1 or args.num_shapes < 1:
-        raise UserError("--images-per-class and --num-shapes must be >= 1")
+    if min(args.images_per_class, args.num_shapes, args.num_relations) < 1:
+        raise UserError("--images-per-class, --num-shapes and --num-relations must be >= 1")
     pipe = TextToImage.from_pretrained(args.model)           # built-in names resolve there
     defaults = GenerationRequest("", **pipe.generation_defaults)   # the model's own, else SD's
     options = {"guidance_scale": vars(args).get("guidance", defaults.guidance_scale),
                "seed": args.seed, "data_dir": args.data_dir, "batch_size": args.batch_size,
-               "images_per_class": args.images_per_class, "num_shapes": args.num_shapes}
+               "images_per_class": args.images_per_class, "num_shapes": args.num_shapes,
+               "num_relations": args.num_relations}
     samplers = samplers or [defaults.sampler]
     step_counts = step_counts or [defaults.num_steps]
     if args.sweep:

@@ -24,6 +24,11 @@ def add_data_arguments(p, *, datasets: str, image_size: int | None) -> None:
     size_help = "train at this size" + (" (default: the dataset's / preset's)" if image_size is None else "")
     data.add_argument("--image-size", type=int, default=image_size, help=size_help)
     data.add_argument("--channels", type=int, choices=(1, 3), help="1 (grayscale) or 3 (RGB)")
+    data.add_argument("--num-shapes", type=int, default=60_000, help="coloured-shapes scenes (with shapes)")
+    data.add_argument("--two-object-prob", type=float, default=0.3,
+                      help="fraction of the shapes scenes with two objects and a relation")
+    data.add_argument("--num-class-images", type=int,
+                      help="the first N training images of each of mnist/fashion-mnist (default: all)")
 
 
 def add_loop_arguments(p, defaults: LoopConfig):
@@ -108,7 +113,8 @@ def load_captioned_data(args):
     """The captioned data set named by --dataset, at --image-size and --channels."""
     from nanodiffusion.data.captioned import load_captioned
     return load_captioned(args.dataset, image_size=args.image_size, channels=args.channels,
-                          data_dir=args.data_dir, seed=args.seed)
+                          data_dir=args.data_dir, seed=args.seed, num_shapes=args.num_shapes,
+                          two_object_prob=args.two_object_prob, num_class_images=args.num_class_images)
 
 
 def say(message: str) -> None:

@@ -17,6 +17,7 @@ from nanodiffusion.training.latent_trainer import (
     PIPELINE_FOLDER, SMALL_UNET, LatentTrainConfig, LatentTrainer,
 )
 from nanodiffusion.validation import finite_float
+from nanodiffusion.weights.models import BUILTIN_TEXT_TO_IMAGE
 
 
 def add_arguments(p) -> None:
@@ -30,6 +31,9 @@ def add_arguments(p) -> None:
                        "diffusers folder), frozen; without it a new one is trained with the UNet")
     parts.add_argument("--train-text-encoder", action="store_true",
                        help="also train the --text-encoder given (with the UNet's optimizer and EMA)")
+    parts.add_argument("--init-unet",
+                       help="fine-tune: start from this UNet (a diffusers folder, its unet/ folder, or "
+                       "`builtin`); its config then replaces the model options below")
     add_text_arguments(p)
     model = p.add_argument_group("model")
     model.add_argument("--model-channels", type=int, default=SMALL_UNET.model_channels)
@@ -70,7 +74,12 @@ def run(args) -> None:
         attention_levels=tuple(args.attention_levels), num_heads=args.num_heads,
         num_res_blocks=args.num_res_blocks, context_dim=text_encoder.config.hidden_size,
         sample_size=latent_side)
+    if args.init_unet:
+        init = load_component(BUILTIN_TEXT_TO_IMAGE.get(args.init_unet, args.init_unet), "unet")
+        unet_config = init.config
     trainer = LatentTrainer(config, unet_config, schedule_for(args), dataset, vae, text_encoder, tokenizer)
+    if args.init_unet:
+        trainer.init_unet(init)
     if resume_if_asked(trainer, args):
         return
     params = sum(p.numel() for p in trainer.unet.parameters())

@@ -18,6 +18,7 @@ from nanodiffusion import __version__
 from nanodiffusion.diffusion.samplers import SAMPLERS, resolve_sampler, sampler_options
 from nanodiffusion.diffusion.sampling_plan import SIGMA_SCHEDULES
 from nanodiffusion.errors import UserError
+from nanodiffusion.validation import json_object
 
 PARAMETERS_KEY = "parameters"
 SETTINGS_KEY = "nanodiffusion"
@@ -147,13 +148,7 @@ def read_settings(text: dict[str, str], source: str) -> dict:
     if SETTINGS_KEY not in text:
         raise UserError(f"{source} holds no nanodiffusion settings: it was not written by "
                         "`nanodiffusion generate`")
-    try:
-        settings = json.loads(text[SETTINGS_KEY])
-    except json.JSONDecodeError as error:
-        raise UserError(f"{source}: the nanodiffusion settings are not valid JSON ({error})") from None
-    if not isinstance(settings, dict):
-        raise UserError(f"{source}: the nanodiffusion settings are a JSON {type(settings).__name__}, "
-                        "not an object")
+    settings = json_object(text[SETTINGS_KEY], f"{source}: the nanodiffusion settings text")
     if settings.get("format") != SETTINGS_FORMAT:
         raise UserError(f"{source}: unknown settings format {settings.get('format')!r}; "
                         f"this version reads format {SETTINGS_FORMAT}")

@@ -3,9 +3,10 @@
 The data set is encoded once by the frozen VAE (under bf16 autocast when training in bf16) and its latents are
 kept in memory, scaled by the VAE's `scaling_factor`: by default the posterior means, or with
 `sample_posterior` a fresh draw z ~ q(z|x) at each visit. They are cached in `out_dir/latents.safetensors`,
-keyed by a hash of the VAE weights and the images, so a resumed run does not encode them again. Captions are dropped to "" with probability `caption_dropout`, as SD does, so that the one network
-also learns the unconditional prediction that classifier-free guidance needs (Ho & Salimans 2022). The text
-encoder is frozen (pre-trained by `train text-encoder`, as SD freezes CLIP) or trained jointly with the UNet
+keyed by a hash of the VAE weights and the images, so a resumed run does not encode them again. Captions are
+dropped to "" with probability `caption_dropout`, as SD does, so that the one network also learns the
+unconditional prediction that classifier-free guidance needs (Ho & Salimans 2022). The text encoder is frozen
+(pre-trained by `train text-encoder`, as SD freezes CLIP) or trained jointly with the UNet
 (`train_text_encoder`: its parameters join the UNet's optimizer and EMA). The result is a diffusers Stable
 Diffusion folder that `TextToImage.from_pretrained` and diffusers' StableDiffusionPipeline load.
 """
@@ -199,6 +200,14 @@ class LatentTrainer:
     @property
     def state(self) -> TrainState:
         return self.run.state
+
+    @torch.no_grad()
+    def init_unet(self, unet: SDUNet) -> None:
+        """Start from the weights of a trained UNet of the same config (fine-tuning); its EMA too."""
+        if unet.config != self.unet.config:
+            raise UserError("the UNet to start from has another config than the one being trained")
+        for module in (self.unet, self.ema.shadow):
+            module.load_state_dict(unet.state_dict(), strict=True)
 
     def train_step(self, indices: torch.Tensor) -> dict[str, float]:
         """One optimizer step of eq. 2 on the global batch at `indices`; returns {"loss": ...}."""

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from nanodiffusion.atomic import atomic_write
 from nanodiffusion.errors import UserError
+from nanodiffusion.validation import json_object
 from nanodiffusion.weights.components import check_state_dict, expected_shapes
 
 METADATA_KEY = "nanodiffusion"
@@ -46,13 +47,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     if CHECKSUM_KEY in header and header[CHECKSUM_KEY] != tensors_digest(tensors):
         raise UserError(f"{path} is corrupted: its tensors differ from the checksum stored when it was "
                         "written (a disk or copy error); use another checkpoint or copy it again")
-    try:
-        metadata = json.loads(header[METADATA_KEY])
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is damaged: its {METADATA_KEY!r} metadata is not valid JSON ({e})") from None
-    if not isinstance(metadata, dict):
-        raise UserError(f"{path} is damaged: its {METADATA_KEY!r} metadata is a JSON "
-                        f"{type(metadata).__name__}, not an object")
+    metadata = json_object(header[METADATA_KEY], f"{path} is damaged: its {METADATA_KEY!r} metadata")
     return tensors, metadata
 
 
