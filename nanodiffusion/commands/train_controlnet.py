@@ -4,9 +4,8 @@ folder OUT_DIR/controlnet/, for `nanodiffusion generate --controlnet`.
 """
 
 from nanodiffusion.commands.train_options import (
-    add_data_arguments, add_loop_arguments, loop_settings, resume_if_asked, say,
+    add_data_arguments, add_loop_arguments, load_captioned_data, loop_settings, resume_if_asked, say,
 )
-from nanodiffusion.data.captioned import load_captioned
 from nanodiffusion.validation import finite_float
 from nanodiffusion.training.controlnet_trainer import (
     CONTROLNET_FOLDER, ControlNetTrainConfig, ControlNetTrainer,
@@ -18,7 +17,6 @@ DEFAULT_EMBEDDING = (16, 32, 64)        # the control-image encoder for the buil
 def add_arguments(p) -> None:
     defaults = ControlNetTrainConfig()
     add_data_arguments(p, datasets="shapes, mnist, fashion-mnist, a mix a+b, or a folder", image_size=None)
-    p.add_argument("--num-shapes", type=int, default=60_000, help="scenes drawn for the shapes data set")
     model = p.add_argument_group("model")
     model.add_argument("--model", default="builtin",
                        help="the text-to-image model the ControlNet steers (frozen; default: builtin)")
@@ -44,8 +42,7 @@ def run(args) -> None:
     pipe.show_progress = False
     if args.image_size is None:
         args.image_size = pipe.native_size
-    dataset = load_captioned(args.dataset, image_size=args.image_size, channels=args.channels,
-                             data_dir=args.data_dir, seed=args.seed, num_shapes=args.num_shapes)
+    dataset = load_captioned_data(args)
     config = ControlNetTrainConfig(**loop_settings(args), ema_decay=args.ema_decay,
                                    min_snr_gamma=args.min_snr_gamma, prediction=pipe.schedule.prediction,
                                    caption_dropout=args.caption_dropout, low_threshold=args.low_threshold,
