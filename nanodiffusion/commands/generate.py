@@ -16,6 +16,9 @@ import torch
 from tqdm.auto import tqdm
 
 from nanodiffusion.atomic import check_output_file, check_output_folder
+from nanodiffusion.commands.generate_control import (
+    add_control_arguments, attach_controls, control_values,
+)
 from nanodiffusion.commands.sampler_flags import add_sampler_option_flags, sampler_option_flags
 from nanodiffusion.diffusion.samplers import resolve_sampler
 from nanodiffusion.diffusion.sampling_plan import SIGMA_SCHEDULES
@@ -93,6 +96,7 @@ def add_arguments(p) -> None:
                         "per step when there are fewer steps)")
     p.add_argument("--from", dest="from_image", default=SUPPRESS,
                    help="replay the settings stored in a PNG made by this command")
+    add_control_arguments(p)
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -129,6 +133,7 @@ def build_request(args) -> tuple[GenerationRequest, dict]:
     run["sampler_options"] = {**values.pop("sampler_options", {}), **sampler_option_flags(args)}
     if "size" in given:
         values["width"], values["height"] = given["size"]
+    values["controls"] = control_values(given, stored.get("controls", []))
     if "prompt" not in values:
         raise UserError("give a PROMPT (or --from IMAGE.png to replay one)")
     if not 1 <= args.num_images <= MAX_IMAGES:
@@ -206,6 +211,7 @@ def run(args) -> None:
     if "dtype" not in vars(args) and not args.from_image:
         _hint_bf16(pipe)
     pipe.vae_tile_size = settings["vae_tile"]
+    request = attach_controls(pipe, request, trust_pickle=args.trust_pickle, replaying=bool(args.from_image))
     # the model's own defaults (the built-in model's guidance, sampler, steps) where nothing chose a value
     request = replace(request, sampler_options=settings["sampler_options"],
                       **{key: value for key, value in pipe.generation_defaults.items()

@@ -35,6 +35,9 @@ def add_arguments(p) -> None:
     p.add_argument("--models-dir", action="append", default=[], metavar="DIR",
                    help="a folder of models (diffusers folders, .safetensors files) that clients may switch "
                         "to by name; repeatable")
+    p.add_argument("--controlnet-dir", action="append", default=[], metavar="DIR",
+                   help="a folder of ControlNets (diffusers folders, .safetensors files) that requests may "
+                        "use through A1111's ControlNet-extension API; repeatable")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind; beyond localhost --api-key is required")
     p.add_argument("--port", type=int, default=7860, help="port (A1111's default); 0: a free one")
@@ -69,6 +72,7 @@ def run(args) -> None:
         import uvicorn
 
         from nanodiffusion.server.app import create_app
+        from nanodiffusion.server.controlnets import ControlNetRegistry
         from nanodiffusion.server.limits import Limits
         from nanodiffusion.server.models import ModelRegistry
         from nanodiffusion.server.service import ServerSettings
@@ -78,9 +82,11 @@ def run(args) -> None:
     args.api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     settings = _settings(args, Limits(**{name: getattr(args, name) for name in LIMIT_FLAGS}), ServerSettings)
     dirs = [Path(folder) for folder in args.models_dir]
-    for folder in dirs:
-        if not folder.is_dir():
-            raise UserError(f"--models-dir {folder}: no such folder")
+    controlnet_dirs = [Path(folder) for folder in args.controlnet_dir]
+    for flag, folders in (("--models-dir", dirs), ("--controlnet-dir", controlnet_dirs)):
+        for folder in folders:
+            if not folder.is_dir():
+                raise UserError(f"{flag} {folder}: no such folder")
     device = resolve_device(args.device)
 
     def load(path: Path) -> TextToImage:
@@ -99,7 +105,8 @@ def run(args) -> None:
     model = ModelRecord(name, path, model_hash(path), args.dtype, device.type,
                         lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir)
     registry = ModelRegistry(load(path), model, dirs=dirs, load=load)
-    app = create_app(registry.pipe, model, settings, registry=registry)
+    app = create_app(registry.pipe, model, settings, registry=registry,
+                     controlnets=ControlNetRegistry(controlnet_dirs))
     where = f"port {args.port}" if args.port else "a free port (uvicorn's line below names it)"
     print(f"serving {model.name} on {args.host}, {where} ({len(registry.entries)} models to switch between); "
           "the API's docs are at /docs", flush=True)

@@ -15,6 +15,7 @@ STAGES = {                  # stage -> (module in nanodiffusion.commands with `a
     "text-encoder": ("train_text_encoder",
                      "stage 2 of text-to-image (optional): pre-train the text encoder as a miniature CLIP"),
     "unet": ("train_unet", "stage 3 of text-to-image: the latent UNet with cross-attention"),
+    "controlnet": ("train_controlnet", "a ControlNet for a text-to-image model, on edge maps"),
     "lora": ("train_lora", "a LoRA on a text-to-image model, from a captioned image folder"),
 }
 

@@ -38,7 +38,8 @@ class MadeImage(NamedTuple):
 
 def generate_each(pipe, request: GenerationRequest, num_images: int, model: ModelRecord, *,
                   progress: Callable | None = None, edits: Sequence | None = None,
-                  stop_checks: Callable[[], AbstractContextManager] | None = None) -> Iterator[MadeImage]:
+                  stop_checks: Callable[[], AbstractContextManager] | None = None,
+                  control_images: Sequence | None = None) -> Iterator[MadeImage]:
     """Yield image k = 0 .. num_images - 1: `request` with seed `request.seed + k`, run by `pipe` (a
     TextToImage). `progress(k, steps_done, denoised)` runs before image k (0 steps, denoised None) and after
     each of its sampler steps (denoised: the step's clean-latent estimate).
@@ -46,6 +47,7 @@ def generate_each(pipe, request: GenerationRequest, num_images: int, model: Mode
     img2img: image k starts from `edits[k % len(edits)]`, an object with `init` and `mask` (PIL images, the
     mask None for plain img2img) and `finish(image)`, what the result becomes (e.g. pasted over the
     original). `stop_checks()` is entered around each generation (the server's checks inside the networks).
+    `control_images`: one per `request.controls`, when they are not read from the files the request names.
     """
     for k in range(num_images):
         edit = edits[k % len(edits)] if edits else None
@@ -60,6 +62,8 @@ def generate_each(pipe, request: GenerationRequest, num_images: int, model: Mode
             progress(k, 0, None)
         image_request = replace(request, seed=request.seed + k)
         inputs = {} if edit is None else {"image": edit.init, "mask_image": edit.mask}
+        if control_images is not None:
+            inputs["control_image"] = list(control_images)
         try:
             with stop_checks() if stop_checks is not None else nullcontext():
                 output = pipe.generate(image_request, callback=step, **inputs)

@@ -84,6 +84,7 @@ def a1111_parameters(request, model_name: str | None, model_hash: str | None, *,
         **_option_labels(request),
         "Lora hashes": ", ".join(f"{name}: {digest}" for name, digest in lora_hashes.items())
         if lora_hashes else None,
+        **{f"ControlNet {k}": control_parameters(control) for k, control in enumerate(request.controls)},
         "Version": f"nanodiffusion {__version__}",
     }
     lines.append(", ".join(f"{key}: {_quote(str(value))}" for key, value in settings.items()
@@ -91,6 +92,27 @@ def a1111_parameters(request, model_name: str | None, model_hash: str | None, *,
     return "\n".join(lines)
 
 
+# A1111's ControlNet extension writes its units into the infotext in these words
+A1111_RESIZE_NAMES = {"just_resize": "Just Resize", "crop_and_resize": "Crop and Resize",
+                      "resize_and_fill": "Resize and Fill"}
+A1111_CONTROL_MODE_NAMES = {"balanced": "Balanced", "prompt": "My prompt is more important",
+                            "controlnet": "ControlNet is more important"}
+
+
+def control_parameters(control) -> str:
+    """One ControlNet unit (a ControlSettings) as the A1111 extension's infotext value."""
+    name = Path(control.model).stem if Path(control.model).suffix else Path(control.model).name
+    model = f"{name} [{control.model_hash[:8]}]" if control.model_hash else name
+    fields = {"Module": control.preprocess, "Model": model, "Weight": f"{control.scale:g}",
+              "Resize Mode": A1111_RESIZE_NAMES[control.resize_mode],
+              "Processor Res": control.processor_res or None, "Threshold A": None, "Threshold B": None,
+              "Guidance Start": f"{control.start:g}", "Guidance End": f"{control.end:g}",
+              "Pixel Perfect": control.preprocess != "none" and control.processor_res is None,
+              "Control Mode": A1111_CONTROL_MODE_NAMES[control.control_mode]}
+    if control.preprocess == "canny":
+        fields.update({"Threshold A": f"{control.low_threshold:g}",
+                       "Threshold B": f"{control.high_threshold:g}"})
+    return ", ".join(f"{key}: {value}" for key, value in fields.items() if value is not None)
 def _option_labels(request) -> dict[str, object]:
     """A1111's infotext entries of the request's sampler options that differ from the sampler's defaults."""
     sampler = resolve_sampler(request.sampler)

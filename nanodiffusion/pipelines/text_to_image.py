@@ -32,6 +32,7 @@ from nanodiffusion.errors import UserError
 from nanodiffusion.images import to_pil
 from nanodiffusion.nets.vae_tiling import decode_sliced, decode_tiled
 from nanodiffusion.pipelines.arguments import check_generate_inputs, diverged_message
+from nanodiffusion.pipelines.control import attach_controlnets, call_settings, control_model, control_units
 from nanodiffusion.pipelines.img2img import ImageInput, prepare_images, prepare_mask
 from nanodiffusion.pipelines.prompts import count_chunks, encode_prompts
 from nanodiffusion.pipelines.request import (
@@ -74,20 +75,23 @@ class TextToImage:
         self.vae_tile_size: int | None = None
         self.vae_tile_overlap = 16
         self.vae_slicing = False
+        self.controlnets = {}           # name -> AttachedControlNet (pipelines/control.py)
 
-    def _eps(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """The UNet as the Denoiser calls it: latents stay float32 outside, the weights may be bf16/fp16."""
-        return self.unet(x.to(self.dtype), t, context)
+    def _eps(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, **residuals) -> torch.Tensor:
+        """The UNet as the Denoiser calls it: latents stay float32 outside, the weights may be bf16/fp16;
+        `residuals` are a ControlNet's (down_residuals, mid_residual)."""
+        return self.unet(x.to(self.dtype), t, context, **residuals)
 
     @classmethod
     def from_pretrained(cls, path_or_repo: str | Path, *, dtype: torch.dtype | str = torch.float32,
                         device: str | torch.device = "cpu", tokenizer=None,
-                        memory_format: torch.memory_format | None = None, vae=None) -> "TextToImage":
+                        memory_format: torch.memory_format | None = None, vae=None, controlnet=None,
+                        trust_pickle: bool = False) -> "TextToImage":
         """Load a diffusers folder, a single-file checkpoint, a Hugging Face repo id or a built-in model name
         ("builtin": `weights.models.model_path`). A single file holds no tokenizer: an SD v1.x one gets CLIP's
         (`CLIPTokenizer.clip()`), others need `tokenizer=` (`CLIPTokenizer.from_pretrained(folder)`). `vae`
         replaces the model's autoencoder: a module or an autoencoder folder (`weights.load_vae`: TAESD's
-        AutoencoderTiny, or an AutoencoderKL).
+        AutoencoderTiny, or an AutoencoderKL). `controlnet`: ControlNets to attach (`load_controlnet`).
 
         `memory_format` lays the UNet's and VAE's conv weights out (see `to`); None picks channels_last for
         bf16 on a CPU (measured faster there for both networks: benchmarks/README.md) and leaves the rest.
@@ -114,8 +118,16 @@ class TextToImage:
         # for SD 2.1), then the folder's own file
         defaults = {**model_defaults(parts.text_encoder.config, parts.scheduler_config),
                     **(read_generation_defaults(path) if path.is_dir() else {})}
-        return cls(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.scheduler_config,
+        pipe = cls(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.scheduler_config,
                    generation_defaults=defaults)
+        if controlnet is not None:
+            pipe.load_controlnet(controlnet, trust_pickle=trust_pickle)
+        return pipe
+
+    def load_controlnet(self, controlnet, *, trust_pickle: bool = False, **label) -> list[str]:
+        """Attach ControlNets (a path, a ControlNet module, or a list of them; `.pth` files only with
+        trust_pickle) to `self.controlnets`; returns their names. Calls then take `control_image=`."""
+        return attach_controlnets(self, controlnet, trust_pickle=trust_pickle, **label)
 
     @property
     def device(self) -> torch.device:
@@ -140,14 +152,14 @@ class TextToImage:
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None, *,
            memory_format: torch.memory_format | None = None) -> "TextToImage":
-        """Move (and cast) the three networks; returns the pipeline.
+        """Move (and cast) the networks, attached ControlNets too; returns the pipeline.
 
-        `memory_format=torch.channels_last` stores the UNet's and VAE's conv weights NHWC, and so runs their
-        feature maps NHWC (measured faster in bf16 on an AVX-512 CPU: benchmarks/README.md). Tensors are
-        converted one at a time and the memory-mapped file pages of those replaced are given back, so a
-        conversion never holds two copies of the weights.
+        `memory_format=torch.channels_last` stores the conv weights NHWC, and so runs their feature maps NHWC
+        (faster in bf16 on an AVX-512 CPU: benchmarks/README.md). Tensors are converted one at a time, the
+        file pages of those replaced given back: a conversion never holds two copies of the weights.
         """
-        for module in (self.unet, self.vae, self.text_encoder):
+        controlnets = [attached.network for attached in self.controlnets.values()]
+        for module in (self.unet, self.vae, self.text_encoder, *controlnets):
             layout = memory_format if module is not self.text_encoder else None
 
             def change(tensor: torch.Tensor, layout=layout) -> torch.Tensor:
@@ -178,44 +190,50 @@ class TextToImage:
                  generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
                  image: ImageInput | None = None, mask_image: ImageInput | None = None,
                  output_type: str = "pil", callback=None, num_inference_steps: int | None = None,
-                 **settings) -> TextToImageOutput:
+                 control_image=None, **settings) -> TextToImageOutput:
         """Generate images; `settings` are GenerationRequest fields (guidance_scale, seed, height, ...).
 
         `num_inference_steps` is diffusers' name for `num_steps`; the other arguments are `generate`'s.
+        ControlNets take `control_image` (one per ControlNet) and the settings of control.CALL_SETTINGS.
         """
         if num_inference_steps is not None:
             if "num_steps" in settings:
                 raise UserError("pass num_steps or num_inference_steps, not both")
             settings["num_steps"] = num_inference_steps
+        control_images = call_settings(self, settings, control_image)
         request = GenerationRequest.from_settings(prompt, negative_prompt,
                                                   **{**self.generation_defaults, **settings})
         return self.generate(request, generator=generator, latents=latents, image=image,
-                             mask_image=mask_image, output_type=output_type, callback=callback)
+                             mask_image=mask_image, output_type=output_type, callback=callback,
+                             control_image=control_images or None)
 
     @torch.no_grad()
     def generate(self, request: GenerationRequest, *, generator: torch.Generator | None = None,
                  latents: torch.Tensor | None = None, image: ImageInput | None = None,
                  mask_image: ImageInput | None = None, output_type: str = "pil",
-                 callback=None) -> TextToImageOutput:
+                 callback=None, control_image: list | None = None) -> TextToImageOutput:
         """Run `request`. `latents`: the start noise, N(0, I) of shape (N, 4, H/8, W/8), instead of a draw;
         `image`: init image(s) for img2img, one or one per prompt; `mask_image`: repaint where it is white;
-        `callback(i, x, denoised)` runs after each step (`decode_latents(denoised)` previews it).
+        `callback(i, x, denoised)` runs after each step (`decode_latents(denoised)` previews it);
+        `control_image`: one per request.controls (else read from the files they name).
         """
         check_generate_inputs(self, request, generator=generator, latents=latents, image=image,
                               mask_image=mask_image, output_type=output_type, callback=callback)
         init_images = prepare_images(image) if image is not None else None
         request, generator = self._settle(request, generator, init_images)
+        units, request = control_units(self, request, control_image)
         sampler = resolve_sampler(request.sampler)
         texts = self.prompt_loras.apply(request.prompts)              # <lora:NAME:W> tags applied, then cut
-        model = self._guided_denoiser(replace(request, prompt=texts))
         sigmas = self.sigmas(sampler, request.num_steps, request.sigma_schedule)
+        if init_images is not None:
+            sigmas = img2img_sigmas(sigmas, request.strength)          # ControlNets run on these steps
+        model = self._guided_denoiser(replace(request, prompt=texts), units, sigmas)
         if init_images is None:
             noise = self._noise(request, generator, latents)
             x = noise * initial_noise_scale(sampler, sigmas, spacing=self.schedule.spacing)
         else:
             original = self._init_latents(init_images, request, generator)       # drawn first, as diffusers
             noise = self._noise(request, generator, latents)
-            sigmas = img2img_sigmas(sigmas, request.strength)
             x = original + noise * float(sigmas[0])
             if mask_image is not None:
                 mask = prepare_mask(mask_image, request.height, request.width, self.vae_factor)
@@ -263,16 +281,19 @@ class TextToImage:
                                 clip_skip=clip_skip, emphasis=emphasis).to(self.dtype)
         return states[:len(prompts)], (states[len(prompts):] if negative_prompts else None)
 
-    def _guided_denoiser(self, request: GenerationRequest):
+    def _guided_denoiser(self, request: GenerationRequest, units=(), sigmas=None):
         """D(x, sigma) for the whole batch: each prompt repeated per image, classifier-free guidance as one
-        batched UNet call; none at guidance <= 1 (diffusers' rule, so SD-Turbo's guidance 0 is one call)."""
+        batched UNet call; none at guidance <= 1 (diffusers' rule, so SD-Turbo's guidance 0 is one call).
+        ControlNet `units` add their residuals on their fraction of the grid `sigmas`."""
         guided = request.guidance_scale > 1
         cond, uncond = self.encode_prompt(request.prompts, request.negative_prompts if guided else None,
                                           clip_skip=request.clip_skip, emphasis=request.emphasis)
         n = request.num_images_per_prompt
         cond = {"context": cond.repeat_interleave(n, dim=0)}                     # (N, 77·K, D)
         uncond = {"context": uncond.repeat_interleave(n, dim=0)} if guided else None
-        model = cfg_denoiser(self.denoiser, cond, uncond, request.guidance_scale if guided else 1.0)
+        denoiser, cond, uncond = control_model(self, units, sigmas, cond, uncond) if units else \
+            (self.denoiser, cond, uncond)
+        model = cfg_denoiser(denoiser, cond, uncond, request.guidance_scale if guided else 1.0)
         if resolve_sampler(request.sampler) == "lcm":
             model = lcm_boundary_condition(model, self.schedule.alphas_cumprod)
         return model
