@@ -25,7 +25,7 @@ def add_data_arguments(p, *, datasets: str, image_size: int | None) -> None:
     data.add_argument("--image-size", type=int, default=image_size, help=size_help)
     data.add_argument("--channels", type=int, choices=(1, 3), help="1 (grayscale) or 3 (RGB)")
     data.add_argument("--num-shapes", type=int, default=60_000, help="coloured-shapes scenes (with shapes)")
-    data.add_argument("--two-object-prob", type=float, default=0.3,
+    data.add_argument("--two-object-prob", type=finite_float, default=0.3,
                       help="fraction of the shapes scenes with two objects and a relation")
     data.add_argument("--num-class-images", type=int,
                       help="the first N training images of each of mnist/fashion-mnist (default: all)")
