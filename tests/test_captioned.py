@@ -132,7 +132,7 @@ A_PNG, B_PNG = '{"file_name": "a.png", "text": "x"}', '{"file_name": "b.png", "t
     ([A_PNG, B_PNG[:-1] + ","], "line 2 is not valid JSON"),
     (['{"file_name": "a.png", "caption": "x"}'], r"line 1 has no 'text' column \(it has: file_name, caption"),
     (['{"text": "x"}'], "line 1 has no 'file_name' column"),
-    (['["a.png", "x"]'], "line 1: expected a JSON object"),
+    (['["a.png", "x"]'], "line 1 is a JSON list, not an object"),
     (['{"file_name": "a.png", "text": 3}'], "'text' must be a string"),
     ([A_PNG, B_PNG.replace("b.png", "c.png")], "line 2: image 'c.png' not found"),
     ([A_PNG, B_PNG.replace("b.png", "./a.png")], "second caption for './a.png'"),

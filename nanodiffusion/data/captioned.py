@@ -6,7 +6,6 @@ or of its scene for shapes); `batch(indices, generator)` draws one per item from
 run that saves and restores its generator replays the same captions.
 """
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from nanodiffusion.data.shapes import ShapesDataset
 from nanodiffusion.data.shapes_captions import caption_choices
 from nanodiffusion.errors import UserError
 from nanodiffusion.images import uint8_to_float
+from nanodiffusion.validation import json_object
 
 SHAPES = "shapes"
 SHAPES_DEFAULT_SIZE = 32            # shapes have no size of their own: this one when nothing else sets it
@@ -171,12 +171,7 @@ def read_metadata(path: Path) -> dict[Path, str]:
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise UserError(f"{path} line {number} is not valid JSON ({error.msg}): {line[:80]!r}") from None
-        if not isinstance(entry, dict):
-            raise UserError(f"{path} line {number}: expected a JSON object, got {line[:80]!r}")
+        entry = json_object(line, f"{path} line {number}")
         for column in ("file_name", "text"):
             if column not in entry:
                 raise UserError(f"{path} line {number} has no {column!r} column (it has: "
