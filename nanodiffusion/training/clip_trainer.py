@@ -28,6 +28,7 @@ from nanodiffusion.nets.mini_clip import MAX_LOGIT_SCALE, MiniCLIP, MiniCLIPConf
 from nanodiffusion.tokenizer import CLIPTokenizer
 from nanodiffusion.training import distributed
 from nanodiffusion.training.captions import check_tokenizer, init_clip_text_
+from nanodiffusion.training.checkpointed import Checkpointed
 from nanodiffusion.training.export import save_component, save_mini_clip
 from nanodiffusion.training.run_state import LoopConfig, RunState, TrainState
 
@@ -62,7 +63,7 @@ def _soft_cross_entropy(logits: torch.Tensor, positives: torch.Tensor) -> torch.
     return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
 
 
-class TextEncoderTrainer:
+class TextEncoderTrainer(Checkpointed):
     """Trains a MiniCLIP on a captioned data set with a tokenizer trained on its captions; `fit()` trains and
     exports `out_dir/text_encoder/`, `out_dir/tokenizer/` and `out_dir/clip.safetensors` (the CLIP-score
     evaluator)."""
@@ -137,13 +138,6 @@ class TextEncoderTrainer:
         """Write `folder/text_encoder/`, `folder/tokenizer/` and `folder/clip.safetensors`."""
         save_mini_clip(self.model, self.tokenizer, folder)
         return save_component(self.model.text_encoder, folder, "text_encoder")
-
-    def save(self, name: str) -> Path:
-        return self.run.save(name)
-
-    def resume(self, path: str | Path) -> None:
-        """Restore the model, optimizer, RNG and counters from a checkpoint written by `save`."""
-        self.run.resume(path, self._check_checkpoint)
 
     def _check_checkpoint(self, meta: dict) -> None:
         if meta.get("kind") != "mini_clip" or MiniCLIPConfig.from_dict(meta["clip"]) != self.model.config \

@@ -21,6 +21,7 @@ from nanodiffusion.errors import UserError
 from nanodiffusion.images import image_grid, save_png, to_pil
 from nanodiffusion.nets.controlnet import ControlNet, ControlNetConfig
 from nanodiffusion.pipelines.text_to_image import TextToImage
+from nanodiffusion.training.checkpointed import Checkpointed
 from nanodiffusion.training.denoising import DenoisingConfig, denoising_loss
 from nanodiffusion.training.ema import EMA
 from nanodiffusion.training.latent_trainer import LATENT_CACHE, cached_latents
@@ -54,7 +55,7 @@ def edge_control(images: torch.Tensor, config: ControlNetTrainConfig) -> torch.T
     return torch.from_numpy(edges).float().div(255)[:, None].expand(-1, 3, -1, -1)
 
 
-class ControlNetTrainer:
+class ControlNetTrainer(Checkpointed):
     """Trains a ControlNet on `pipe` (a TextToImage whose networks stay frozen) with edge maps of a
     captioned data set's images; `fit()` trains and writes `out_dir/controlnet/`."""
 
@@ -142,13 +143,6 @@ class ControlNetTrainer:
         self.pipe.controlnets.clear()
         controls = to_pil(maps * 2 - 1)
         save_png(image_grid([*controls, *without, *with_control], rows=3, cols=len(items)), path)
-
-    def save(self, name: str) -> Path:
-        return self.run.save(name)
-
-    def resume(self, path: str | Path) -> None:
-        """Restore the ControlNet, EMA, optimizer, RNG and counters (see RunState.save)."""
-        self.run.resume(path, self._check_checkpoint)
 
     def _check_checkpoint(self, meta: dict) -> None:
         same = (meta.get("kind") == "controlnet"

@@ -31,6 +31,7 @@ from nanodiffusion.pipelines.text_to_image import TextToImage
 from nanodiffusion.tokenizer import CLIPTokenizer
 from nanodiffusion.training import distributed
 from nanodiffusion.training.captions import check_tokenizer
+from nanodiffusion.training.checkpointed import Checkpointed
 from nanodiffusion.training.denoising import DenoisingConfig, denoising_loss
 from nanodiffusion.training.ema import EMA
 from nanodiffusion.training.export import scheduler_config
@@ -156,7 +157,7 @@ def first_captions(dataset: CaptionedDataset, count: int) -> list[str]:
     return list(dict.fromkeys(first))[:count]
 
 
-class LatentTrainer:
+class LatentTrainer(Checkpointed):
     """Trains an SDUNet (and, jointly, the text encoder) on a captioned data set's VAE latents;
     `fit()` trains and writes the diffusers folder `out_dir/pipeline/`."""
 
@@ -255,13 +256,6 @@ class LatentTrainer:
         images = pipe(prompts, num_images_per_prompt=GRID_COLUMNS, seed=0, num_steps=GRID_STEPS,
                       height=height, width=width, guidance_scale=self.config.sample_guidance_scale).images
         save_png(image_grid(images, rows=len(prompts), cols=GRID_COLUMNS), path)
-
-    def save(self, name: str) -> Path:
-        return self.run.save(name)
-
-    def resume(self, path: str | Path) -> None:
-        """Restore the UNet (and a trained text encoder), EMA, optimizer, RNG and counters (see `save`)."""
-        self.run.resume(path, self._check_checkpoint)
 
     def _check_checkpoint(self, meta: dict) -> None:
         same = (meta.get("kind") == "latent_unet"

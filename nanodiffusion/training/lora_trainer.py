@@ -19,6 +19,7 @@ from nanodiffusion.data.captioned import CaptionedDataset
 from nanodiffusion.errors import UserError
 from nanodiffusion.images import image_grid, save_png
 from nanodiffusion.pipelines.text_to_image import TextToImage
+from nanodiffusion.training.checkpointed import Checkpointed
 from nanodiffusion.training.denoising import DenoisingConfig
 from nanodiffusion.training.ema import EMA
 from nanodiffusion.training.latent_trainer import (
@@ -60,7 +61,7 @@ class LoRATrainConfig(DenoisingConfig):
         return float(self.rank if self.alpha is None else self.alpha)
 
 
-class LoRATrainer:
+class LoRATrainer(Checkpointed):
     """Trains a `TrainableLoRA` on `pipe`'s frozen networks over a captioned data set; `fit()` trains and
     writes `out_dir/NAME.safetensors`. `model` (name, A1111 hash) is recorded in checkpoints and the file."""
 
@@ -156,13 +157,6 @@ class LoRATrainer:
         finally:
             pipe.unload_lora_weights()                  # the frozen weights come back bit for bit
         save_png(image_grid(images, rows=len(prompts), cols=GRID_COLUMNS), path)
-
-    def save(self, name: str) -> Path:
-        return self.run.save(name)
-
-    def resume(self, path: str | Path) -> None:
-        """Restore the LoRA (and its EMA), optimizer, RNG and counters of a `train lora` checkpoint."""
-        self.run.resume(path, self._check_checkpoint)
 
     def _check_checkpoint(self, meta: dict) -> None:
         if meta.get("kind") != "lora":
