@@ -292,3 +292,25 @@ def test_the_process_exits_with_status_2_and_no_traceback(tmp_path):
     assert done.stderr == "error: seed must be an integer from 0 to 2**64 - 1, got -1\n"
     assert not list(tmp_path.iterdir())
 
+
+
+@pytest.mark.parametrize("error, status", [
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried "
+                  "to allocate 1073741824 bytes."), 1),
+    (RuntimeError("a bug of ours"), None),
+])
+def test_torch_allocation_failures_are_one_line_errors_and_bugs_still_raise(monkeypatch, capsys, error, status):
+    import nanodiffusion.commands.info as info
+
+    def fail(args):
+        raise error
+    monkeypatch.setattr(info, "run", fail)
+    if status is None:
+        with pytest.raises(RuntimeError, match="a bug of ours"):
+            main(["info", "x.png"])
+        return
+    with pytest.raises(SystemExit) as exited:
+        main(["info", "x.png"])
+    assert exited.value.code == status
+    err = capsys.readouterr().err
+    assert err.startswith("error: out of memory") and "can't allocate memory" in err and err.count("\n") == 1
