@@ -8,7 +8,6 @@ stochastic samplers' step noise. diffusers' StableDiffusionPipeline draws the sa
 from one generator, so both give the same images (tests/test_pipeline_parity.py).
 """
 
-import functools
 import random
 import warnings
 from dataclasses import replace
@@ -17,9 +16,6 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from nanodiffusion.adapters import LoRAAdapters, load_textual_inversion
-from nanodiffusion.adapters.prompt_loras import LoRAFolder, PromptLoRAs
-from nanodiffusion.adapters.textual_inversion import load_embedding_folder
 from nanodiffusion.diffusion.denoisers import (
     Denoiser, cfg_denoiser, inpainting_denoiser, lcm_boundary_condition,
 )
@@ -31,6 +27,7 @@ from nanodiffusion.diffusion.sampling_plan import (
 from nanodiffusion.errors import UserError
 from nanodiffusion.images import to_pil
 from nanodiffusion.nets.vae_tiling import decode_sliced, decode_tiled
+from nanodiffusion.pipelines.adapter_methods import AdapterMethods
 from nanodiffusion.pipelines.arguments import check_generate_inputs, diverged_message
 from nanodiffusion.pipelines.control import attach_controlnets, call_settings, control_model, control_units
 from nanodiffusion.pipelines.img2img import ImageInput, prepare_images, prepare_mask
@@ -45,7 +42,7 @@ from nanodiffusion.weights.families import model_defaults
 from nanodiffusion.weights.models import model_path
 
 
-class TextToImage:
+class TextToImage(AdapterMethods):
     """`TextToImage(unet, vae, text_encoder, tokenizer, scheduler_config)` or `from_pretrained(path)`;
     `pipe(prompt, ...)` returns a TextToImageOutput whose `.images` are PIL images by default.
 
@@ -378,54 +375,3 @@ class TextToImage:
         if output_type == "np":
             return (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()     # (N, H, W, 3)
         return to_pil(images)
-
-    # LoRA and textual inversion (nanodiffusion/adapters), under diffusers' method names.
-    @functools.cached_property
-    def lora(self) -> LoRAAdapters:
-        """The LoRAs loaded into the UNet and the text encoder (see adapters/lora.py)."""
-        return LoRAAdapters({"unet": self.unet, "text_encoder": self.text_encoder})
-
-    def load_lora_weights(self, path: str | Path, adapter_name: str | None = None) -> str:
-        """Load a LoRA file (kohya/A1111 or diffusers/PEFT) as the one active adapter; returns its name."""
-        return self.lora.load_lora_weights(path, adapter_name)
-
-    def set_adapters(self, adapter_names: str | list[str],
-                     adapter_weights: float | list[float] | None = None) -> None:
-        """Make exactly these loaded LoRAs active, each with its weight."""
-        self.lora.set_adapters(adapter_names, adapter_weights)
-
-    def fuse_lora(self, lora_scale: float = 1.0) -> None:
-        """Fix the active LoRAs into the weights, times `lora_scale`."""
-        self.lora.fuse_lora(lora_scale)
-
-    def unfuse_lora(self) -> None:
-        """Undo fuse_lora: the active LoRAs at their own weights."""
-        self.lora.unfuse_lora()
-
-    def unload_lora_weights(self) -> None:
-        """Forget every LoRA: the original weights come back exactly (the fused ones stay after fuse_lora)."""
-        self.lora.unload_lora_weights()
-
-    def load_textual_inversion(self, path: str | Path, token: str | None = None) -> str:
-        """Add a textual-inversion embedding to the tokenizer and text encoder; returns its prompt token."""
-        return load_textual_inversion(self.text_encoder, self.tokenizer, path, token)
-
-    # A1111's folders: <lora:NAME:W> in prompts from a LoRA folder, embeddings named by their files.
-    @functools.cached_property
-    def prompt_loras(self) -> PromptLoRAs:
-        """Applies the `<lora:NAME:W>` tags of each generation's prompts (adapters/prompt_loras.py)."""
-        return PromptLoRAs(self.lora)
-
-    def set_lora_dir(self, folder: str | Path | None) -> None:
-        """Where `<lora:NAME:W>` in a prompt finds NAME.safetensors (None: tags are an error)."""
-        self.prompt_loras.folder = LoRAFolder(folder) if folder is not None else None
-
-    def load_embeddings_dir(self, folder: str | Path) -> tuple[dict, dict]:
-        """Load every textual-inversion embedding in `folder`, each named by its file's stem; returns
-        (loaded, skipped) as A1111's GET /sdapi/v1/embeddings, also kept in `self.embeddings`."""
-        self.embeddings = load_embedding_folder(self.text_encoder, self.tokenizer, folder)
-        return self.embeddings
-
-    def lora_hashes(self) -> dict[str, str]:
-        """{name: A1111 short hash} of the active LoRAs: the "Lora hashes" of the images made now."""
-        return self.prompt_loras.hashes()
