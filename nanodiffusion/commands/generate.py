@@ -24,13 +24,15 @@ from nanodiffusion.pipelines.image_loop import generate_each
 from nanodiffusion.pipelines.metadata import ModelRecord, read_settings
 from nanodiffusion.pipelines.request import GenerationRequest
 from nanodiffusion.pipelines.text_to_image import TextToImage
+from nanodiffusion.weights import load_vae
 from nanodiffusion.weights.components import DTYPES
 from nanodiffusion.weights.models import DEFAULT_TEXT_TO_IMAGE, model_hash, model_path
 
 DEFAULT_OUT = "image.png"
 DEFAULTS = {field.name: field.default for field in fields(GenerationRequest)}
 SUPPRESS = argparse.SUPPRESS    # flags not given stay unset, so that --from can tell them apart
-UNSET_IS_NONE = ("from_image", "out", "out_dir", "gif", "device")      # optional flags without a setting
+# optional flags without a setting
+UNSET_IS_NONE = ("from_image", "out", "out_dir", "gif", "device", "preview_vae")
 
 MIN_VAE_TILE = 32                       # latent pixels: tiles overlap by 16 (TextToImage.vae_tile_overlap)
 
@@ -65,6 +67,14 @@ def add_arguments(p) -> None:
                    help="decode in overlapping tiles of N latent pixels (8N image pixels), blended: bounds "
                         "the memory of large images, pixels differ slightly from a whole decode (default: "
                         f"whole images; N >= {MIN_VAE_TILE})")
+    p.add_argument("--vae", default=SUPPRESS, metavar="PATH",
+                   help="replace the model's autoencoder: a diffusers folder (TAESD's AutoencoderTiny, e.g. "
+                        "madebyollin/taesd, or an AutoencoderKL) or a VAE file (.safetensors; A1111's); "
+                        "recorded in the PNG and replayed by --from")
+    p.add_argument("--preview-vae", dest="preview_vae", default=SUPPRESS, metavar="PATH",
+                   help="decode the --gif frames with this autoencoder (a TAESD folder: a small fraction of "
+                        "the VAE's time); the PNGs still use the model's VAE (or --vae). With a TAESD --vae "
+                        "the frames are cheap already")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--out", default=SUPPRESS,
                      help=f"output PNG; with -n N, STEM-k.png (default: {DEFAULT_OUT})")
@@ -92,7 +102,7 @@ def build_request(args) -> tuple[GenerationRequest, dict]:
     given = vars(args)
     stored = {}
     run = {"model": DEFAULT_TEXT_TO_IMAGE, "dtype": "fp32", "model_hash": None, "device": None,
-           "vae_tile": None}
+           "vae_tile": None, "vae": None, "vae_hash": None}
     if args.from_image:
         settings = read_settings(read_png_text(args.from_image), args.from_image)
         stored = settings["request"]
@@ -107,7 +117,7 @@ def build_request(args) -> tuple[GenerationRequest, dict]:
     if values.get("seed") is None:
         values["seed"] = random.randrange(2**32)
     values["num_images_per_prompt"] = 1                 # one image per call: each PNG replays alone
-    for key in ("model", "dtype", "vae_tile"):
+    for key in ("model", "dtype", "vae_tile", "vae"):
         run[key] = given.get(key, run[key])
     if run["vae_tile"] is not None and run["vae_tile"] < MIN_VAE_TILE:
         raise UserError(f"--vae-tile must be >= {MIN_VAE_TILE} latent pixels (tiles overlap by 16), "
@@ -140,7 +150,12 @@ def run(args) -> None:
     digest = model_hash(path)
     if args.from_image:
         _warn_if_different(settings, digest, device)
-    pipe = TextToImage.from_pretrained(path, dtype=DTYPES[settings["dtype"]], device=device)
+    if settings["vae"] is not None and not Path(settings["vae"]).exists():
+        raise UserError(f"--vae {settings['vae']}: no such file or folder")
+    vae_hash = model_hash(settings["vae"]) if settings["vae"] is not None else None
+    pipe = TextToImage.from_pretrained(path, dtype=DTYPES[settings["dtype"]], device=device,
+                                       vae=settings["vae"])
+    _set_preview_vae(pipe, args)
     pipe.show_progress = False
     if "dtype" not in vars(args) and not args.from_image:
         _hint_bf16(pipe)
@@ -149,7 +164,7 @@ def run(args) -> None:
     request = replace(request, **{key: value for key, value in pipe.generation_defaults.items()
                                   if key not in settings["chosen"]})
     model = ModelRecord(settings["model"], path, digest, settings["dtype"], torch.device(device).type,
-                        settings["vae_tile"])
+                        settings["vae_tile"], settings["vae"], vae_hash)
     previews = frame_steps(request.num_steps, args.gif_frames) if args.gif else set()
     progress = _Progress(pipe, request, len(seeds), previews)
     images, texts = [], []
@@ -185,12 +200,27 @@ class _Progress:
             return
         self.bar.update(1)
         if steps_done - 1 in self.previews:
-            self.animations[-1].extend(to_pil(self.pipe.decode_latents(denoised)))
+            self.animations[-1].extend(to_pil(self.pipe.decode_preview(denoised)))
 
     def finish(self, image) -> None:
         self.bar.close()
         if self.previews:
             self.animations[-1].append(image)
+
+
+def _set_preview_vae(pipe: TextToImage, args) -> None:
+    """Load --preview-vae into the pipeline; it only decodes GIF frames, so it needs --gif."""
+    if args.preview_vae is None:
+        return
+    if not args.gif:
+        raise UserError("--preview-vae decodes the --gif frames: give --gif too")
+    preview = load_vae(args.preview_vae, dtype=pipe.dtype, device=pipe.device)
+    made = (pipe.vae.config.latent_channels, pipe.vae_factor)
+    if (preview.config.latent_channels, preview.config.downsample_factor) != made:
+        raise UserError(f"--preview-vae {args.preview_vae} decodes {preview.config.latent_channels}-channel "
+                        f"latents {preview.config.downsample_factor}x, the model's VAE {made[0]}-channel "
+                        f"latents {made[1]}x")
+    pipe.preview_vae = preview
 
 
 BF16_HINT_PARAMETERS = 100_000_000      # UNets this large (SD v1.x: 860M) gain ~2x from bf16 on such a CPU

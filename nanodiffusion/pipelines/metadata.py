@@ -33,6 +33,8 @@ class ModelRecord:
     dtype: str                      # "fp32", "fp16" or "bf16"
     device: str                     # device type: "cpu", "cuda"
     vae_tile: int | None = None     # latent pixels per tile when the VAE decoded in tiles
+    vae: str | None = None          # the autoencoder that replaced the model's (--vae), as given
+    vae_hash: str | None = None     # A1111's "VAE hash" of its weights
 
     @property
     def name(self) -> str:
@@ -42,11 +44,13 @@ class ModelRecord:
 
 def png_text(request, model: ModelRecord) -> dict[str, str]:
     """Both text chunks of an image of `request` (one prompt, its seed filled in) made by `model`."""
-    return {PARAMETERS_KEY: a1111_parameters(request, model.name, model.hash),
+    vae = (Path(model.vae).name, model.vae_hash) if model.vae is not None else (None, None)
+    return {PARAMETERS_KEY: a1111_parameters(request, model.name, model.hash, *vae),
             SETTINGS_KEY: settings_json(request, model)}
 
 
-def a1111_parameters(request, model_name: str | None, model_hash: str | None) -> str:
+def a1111_parameters(request, model_name: str | None, model_hash: str | None, vae_name: str | None = None,
+                     vae_hash: str | None = None) -> str:
     """A1111's infotext for one image of `request` (a GenerationRequest with one prompt and seed filled in).
 
     As A1111: no negative line when there is no negative prompt, no schedule type for the sampler's own, and
@@ -66,6 +70,8 @@ def a1111_parameters(request, model_name: str | None, model_hash: str | None) ->
         "Size": f"{request.width}x{request.height}",
         "Model hash": model_hash,
         "Model": model_name,
+        "VAE hash": vae_hash,
+        "VAE": vae_name,
         "Clip skip": request.clip_skip if request.clip_skip != 1 else None,
         "Version": f"nanodiffusion {__version__}",
     }
@@ -79,11 +85,13 @@ def _quote(value: str) -> str:
 
 
 def settings_json(request, model: ModelRecord) -> str:
-    """Our own text chunk: the request and what else decides the pixels (model, dtype, device, and the VAE
-    tile size when the image was decoded in tiles)."""
+    """Our own text chunk: the request and what else decides the pixels (model, dtype, device, the VAE
+    tile size when the image was decoded in tiles, and the autoencoder when --vae replaced the model's)."""
     run = {"model": model.argument, "model_hash": model.hash, "dtype": model.dtype, "device": model.device}
     if model.vae_tile is not None:
         run["vae_tile"] = model.vae_tile
+    if model.vae is not None:
+        run.update(vae=model.vae, vae_hash=model.vae_hash)
     return json.dumps({"format": SETTINGS_FORMAT, "version": __version__, "request": request.to_dict(),
                        **run}, ensure_ascii=False)
 

@@ -69,6 +69,8 @@ class TextToImage:
         self.vae_tile_size: int | None = None
         self.vae_tile_overlap = 16
         self.vae_slicing = False
+        # A cheap autoencoder (TAESD) for previews only (`decode_preview`); None: previews use `vae`.
+        self.preview_vae: torch.nn.Module | None = None
 
     def _eps(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """The UNet as the Denoiser calls it: latents stay float32 outside, the weights may be bf16/fp16."""
@@ -81,8 +83,8 @@ class TextToImage:
         """Load a diffusers folder, a single-file checkpoint, a Hugging Face repo id or a built-in model name
         ("builtin": `weights.models.model_path`). A single file holds no tokenizer: an SD v1.x one gets CLIP's
         (`CLIPTokenizer.clip()`), others need `tokenizer=` (`CLIPTokenizer.from_pretrained(folder)`). `vae`
-        replaces the model's autoencoder: a module or an autoencoder folder (`weights.load_vae`: TAESD's
-        AutoencoderTiny, or an AutoencoderKL).
+        replaces the model's autoencoder: a module, an autoencoder folder (TAESD's AutoencoderTiny, or an
+        AutoencoderKL) or a VAE file (A1111's; `weights.load_vae`).
 
         `memory_format` lays the UNet's and VAE's conv weights out (see `to`); None picks channels_last for
         bf16 on a CPU (measured faster there for both networks: benchmarks/README.md) and leaves the rest.
@@ -327,6 +329,16 @@ class TextToImage:
             raise UserError("the image has NaN pixels: the UNet overflowed (try dtype bfloat16 or float32)"
                             if not latents.isfinite().all() else "the VAE produced NaN pixels")
         return images
+
+    @torch.no_grad()
+    def decode_preview(self, latents: torch.Tensor) -> torch.Tensor:
+        """Like `decode_latents`, through `preview_vae` when one is set (TAESD: a small fraction of the VAE's
+        time, pixels close to but not the VAE's); for live previews and GIF frames, never the final image."""
+        if self.preview_vae is None:
+            return self.decode_latents(latents)
+        vae = self.preview_vae
+        weight = next(vae.parameters())
+        return vae.decode((latents / vae.config.scaling_factor).to(weight.device, weight.dtype)).float()
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
         """Float32 images of unscaled latents, tiled and/or one image at a time as the pipeline is set."""
