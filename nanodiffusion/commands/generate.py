@@ -61,6 +61,10 @@ def add_arguments(p) -> None:
                    help="sigma grid (default: default, the scheduler's own timesteps)")
     p.add_argument("--clip-skip", dest="clip_skip", type=int, default=SUPPRESS,
                    help="2 = condition on CLIP's penultimate layer (default: 1)")
+    p.add_argument("--tome", dest="tome_ratio", type=float, default=SUPPRESS, metavar="R",
+                   help="token merging (ToMe for SD): merge this fraction of the tokens before each "
+                        "full-resolution self-attention, 0-0.75; faster, the image changes a little "
+                        "(default: 0, off; benchmarks/README.md)")
     p.add_argument("--dtype", choices=list(DTYPES), default=SUPPRESS, help="weights dtype (default: fp32)")
     p.add_argument("--device", default=SUPPRESS, help="device (default: cuda if available, else cpu)")
     p.add_argument("--vae-tile", dest="vae_tile", type=int, default=SUPPRESS, metavar="N",

@@ -73,6 +73,7 @@ def a1111_parameters(request, model_name: str | None, model_hash: str | None, va
         "VAE hash": vae_hash,
         "VAE": vae_name,
         "Clip skip": request.clip_skip if request.clip_skip != 1 else None,
+        "Token merging ratio": f"{request.tome_ratio:g}" if request.tome_ratio else None,
         "Version": f"nanodiffusion {__version__}",
     }
     lines.append(", ".join(f"{key}: {_quote(str(value))}" for key, value in settings.items()

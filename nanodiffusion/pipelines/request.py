@@ -14,6 +14,7 @@ from nanodiffusion.diffusion.samplers import resolve_sampler
 from nanodiffusion.diffusion.sampling_plan import check_sigma_schedule
 from nanodiffusion.diffusion.schedules import check_num_steps
 from nanodiffusion.errors import UserError
+from nanodiffusion.nets.token_merging import check_ratio
 
 DEFAULT_SAMPLER = "pndm"                # diffusers' default for SD v1.x (our plms)
 OUTPUT_TYPES = ("pil", "np", "latent")
@@ -39,6 +40,7 @@ class GenerationRequest(JSONConfig):
     strength: float = 0.8                # img2img and inpainting only: the fraction of the steps run
     clip_skip: int = 1                   # 2: the penultimate CLIP layer (A1111's "Clip skip")
     emphasis: bool = True                # read A1111's (word:1.3) / [word] syntax in prompts
+    tome_ratio: float = 0.0              # token merging (nets/token_merging.py): the fraction merged; 0 = off
 
     def __post_init__(self):
         prompts = self.prompts
@@ -63,6 +65,7 @@ class GenerationRequest(JSONConfig):
             raise UserError(f"strength must be between 0 and 1, got {self.strength}")
         if not isinstance(self.clip_skip, int) or self.clip_skip < 1:
             raise UserError(f"clip_skip must be an integer >= 1, got {self.clip_skip!r}")
+        check_ratio(self.tome_ratio)
 
     @property
     def prompts(self) -> list[str]:

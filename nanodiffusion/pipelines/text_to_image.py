@@ -28,6 +28,7 @@ from nanodiffusion.diffusion.sampling_plan import (
 )
 from nanodiffusion.errors import UserError
 from nanodiffusion.images import to_pil
+from nanodiffusion.nets.token_merging import merging_tokens
 from nanodiffusion.nets.vae_tiling import decode_sliced, decode_tiled
 from nanodiffusion.pipelines.img2img import ImageInput, prepare_images, prepare_mask
 from nanodiffusion.pipelines.prompts import count_chunks, encode_prompts
@@ -214,7 +215,8 @@ class TextToImage:
                 mask = prepare_mask(mask_image, request.height, request.width, self.vae_factor)
                 mask = mask.to(self.device)
                 model = inpainting_denoiser(model, original, noise, mask)
-        x = self._sample(sampler, model, x, sigmas, generator, callback)
+        with merging_tokens(self.unet, request.tome_ratio, request.seed or 0):     # no-op at ratio 0
+            x = self._sample(sampler, model, x, sigmas, generator, callback)
         x = final_latent(sampler, x, sigmas)
         if mask_image is not None:
             x = mask * x + (1 - mask) * original              # DDIM and PLMS end above sigma = 0
