@@ -18,6 +18,7 @@ import math
 import os
 import sys
 import time
+import timeit
 from pathlib import Path
 
 import numpy as np
@@ -60,15 +61,6 @@ def unet_step(pipe: TextToImage, side: int, ratio: float) -> None:
         pipe.unet(x, torch.tensor([500.0, 500.0]), context)
 
 
-def best_time(call, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -92,7 +84,8 @@ def main() -> None:
           f"{args.model or ('tiny UNet' if args.quick else 'SD v1.5 config, random weights')}, fp32")
     with torch.no_grad():
         unet_step(pipe, 64, 0.5)                                          # warm-up
-        speed = {ratio: best_time(lambda: unet_step(pipe, args.size, ratio), args.repeats) for ratio in ratios}
+        speed = {ratio: min(timeit.repeat(lambda: unet_step(pipe, args.size, ratio), number=1,
+                                          repeat=args.repeats)) for ratio in ratios}
     images = {ratio: pipe(PROMPT, seed=0, num_steps=args.steps, sampler="dpmpp_2m", guidance_scale=7.0,
                           height=args.image_size, width=args.image_size, tome_ratio=ratio,
                           output_type="np").images for ratio in ratios}
