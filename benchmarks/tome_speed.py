@@ -1,7 +1,8 @@
 """Token merging (ToMe for SD, `tome_ratio`): its speed and how far it moves the image, on this CPU.
 
-    speed  one classifier-free-guidance UNet step (batch 2) at --size, per ratio (best of --repeats, after a
-           warm-up at 64²)
+    speed  one classifier-free-guidance UNet step (batch 2) at --size, per ratio: the best of --repeats rounds
+           over all ratios (interleaved, so that a load change hits every ratio alike), after a warm-up at
+           64²; wall time, and the process's CPU time, which other processes on a shared CPU disturb less
     image  a whole generation at --image-size (DPM++ 2M, --steps, CFG 7), per ratio: PSNR and max abs
            difference against the unmerged image (ratio 0), on the [0, 1] scale
 
@@ -18,7 +19,6 @@ import math
 import os
 import sys
 import time
-import timeit
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--ratios", default="0,0.3,0.5,0.7", help="comma-separated ratios; 0 first")
     parser.add_argument("--size", type=int, default=512, help="image side of the UNet step (default 512)")
     parser.add_argument("--image-size", type=int, default=256, help="image side of the generations")
-    parser.add_argument("--steps", type=int, default=8, help="sampling steps of the generations")
+    parser.add_argument("--steps", type=int, default=8, help="sampling steps of the generations (0: none)")
     parser.add_argument("--repeats", type=int, default=1, help="timed UNet steps per ratio (best shown)")
     args = parser.parse_args()
     ratios = [float(r) for r in args.ratios.split(",")]
@@ -84,18 +84,28 @@ def main() -> None:
           f"{args.model or ('tiny UNet' if args.quick else 'SD v1.5 config, random weights')}, fp32")
     with torch.no_grad():
         unet_step(pipe, 64, 0.5)                                          # warm-up
-        speed = {ratio: min(timeit.repeat(lambda: unet_step(pipe, args.size, ratio), number=1,
-                                          repeat=args.repeats)) for ratio in ratios}
+        wall, cpu = {ratio: math.inf for ratio in ratios}, {ratio: math.inf for ratio in ratios}
+        for _ in range(args.repeats):
+            for ratio in ratios:
+                start, start_cpu = time.perf_counter(), time.process_time()
+                unet_step(pipe, args.size, ratio)
+                wall[ratio] = min(wall[ratio], time.perf_counter() - start)
+                cpu[ratio] = min(cpu[ratio], time.process_time() - start_cpu)
     images = {ratio: pipe(PROMPT, seed=0, num_steps=args.steps, sampler="dpmpp_2m", guidance_scale=7.0,
                           height=args.image_size, width=args.image_size, tome_ratio=ratio,
-                          output_type="np").images for ratio in ratios}
-    print(f"\n{'ratio':>6} {'UNet CFG step ' + str(args.size) + '², s':>24} {'speed-up':>9} "
-          f"{'PSNR vs ratio 0, dB':>20} {'max|diff|':>10}   ({args.image_size}², {args.steps} steps)")
+                          output_type="np").images for ratio in ratios} if args.steps else {}
+    print(f"\n{'ratio':>6} {'UNet CFG step ' + str(args.size) + '², s':>24} {'speed-up':>9} {'CPU s':>8} "
+          f"{'speed-up':>9} {'PSNR vs ratio 0, dB':>20} {'max|diff|':>10}   "
+          f"({args.image_size}², {args.steps} steps)")
     for ratio in ratios:
-        mse = float(np.square(images[ratio] - images[0]).mean())
-        db = math.inf if mse == 0 else 10 * math.log10(1 / mse)
-        print(f"{ratio:6.2f} {speed[ratio]:24.2f} {speed[0] / speed[ratio]:9.2f} {db:20.1f} "
-              f"{float(np.abs(images[ratio] - images[0]).max()):10.3f}")
+        if images:
+            mse = float(np.square(images[ratio] - images[0]).mean())
+            db = math.inf if mse == 0 else 10 * math.log10(1 / mse)
+            quality = f"{db:20.1f} {float(np.abs(images[ratio] - images[0]).max()):10.3f}"
+        else:
+            quality = f"{'-':>20} {'-':>10}"
+        print(f"{ratio:6.2f} {wall[ratio]:24.2f} {wall[0] / wall[ratio]:9.2f} {cpu[ratio]:8.2f} "
+              f"{cpu[0] / cpu[ratio]:9.2f} {quality}")
     print(f"load average {os.getloadavg()[0]:.2f} at the end")
 
 

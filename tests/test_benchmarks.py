@@ -47,4 +47,4 @@ def test_tome_speed_quick_mode_reports_speed_and_psnr_per_ratio():
     assert completed.returncode == 0, completed.stderr[-3000:]
     rows = [line.split() for line in completed.stdout.splitlines() if line[:6].strip().startswith("0.")]
     assert [row[0] for row in rows] == ["0.00", "0.30", "0.50", "0.70"]
-    assert rows[0][3] == "inf" and all(float(row[3]) < 200 for row in rows[1:])    # merging moves the image
+    assert rows[0][5] == "inf" and all(float(row[5]) < 200 for row in rows[1:])    # merging moves the image
