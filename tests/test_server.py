@@ -159,8 +159,15 @@ def test_listing_endpoints_and_openapi(client):
     samplers = client.get("/sdapi/v1/samplers").json()
     euler_a = next(s for s in samplers if s["name"] == "Euler a")
     assert "euler_ancestral" in euler_a["aliases"] and "euler_a" in euler_a["aliases"]
-    labels = [s["label"] for s in client.get("/sdapi/v1/schedulers").json()]
+    schedulers = client.get("/sdapi/v1/schedulers").json()
+    labels = [s["label"] for s in schedulers]
     assert labels[:3] == ["Automatic", "Karras", "Exponential"] and len(labels) == 10
+    # A1111's names, which its clients send back as `scheduler`, as they may the labels
+    names = {s["name"] for s in schedulers}
+    assert {"automatic", "sgm_uniform", "align_your_steps"} <= names
+    for scheduler in ("sgm_uniform", "SGM Uniform"):
+        answer = client.post("/sdapi/v1/txt2img", json={"prompt": "a cat", "scheduler": scheduler, **FAST})
+        assert json.loads(answer.json()["info"])["scheduler"] == "SGM Uniform"
     [model] = client.get("/sdapi/v1/sd-models").json()
     assert model["title"] == "tiny-sd [0123456789]" and model["hash"] == "0123456789"
     assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == model["title"]

@@ -46,6 +46,9 @@ class SlowPipe:
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 TIMEOUT_MS = 30_000
+# the served model's generation_defaults.json, which the page shows when it loads
+MODEL_DEFAULTS = {"num_steps": 3, "guidance_scale": 2.5, "sampler": "euler_ancestral",
+                  "sigma_schedule": "sgm_uniform"}
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +56,7 @@ def base_url():
     """A uvicorn server in a thread of this process, on a free port of 127.0.0.1, serving a tiny model."""
     pipe = tiny_ours()
     pipe.show_progress = False
+    pipe.generation_defaults = MODEL_DEFAULTS
     model = ModelRecord("tiny-sd", Path("tiny-sd"), "0123456789", "fp32", "cpu")
     server = uvicorn.Server(uvicorn.Config(create_app(SlowPipe(pipe), model), host="127.0.0.1", port=0,
                                            log_level="warning"))
@@ -105,6 +109,13 @@ def test_type_a_prompt_click_generate_and_see_the_images(base_url, page):
     assert "Seed: 8," in captions[1]
     assert links.count() == 2 and links.first.get_attribute("href").endswith("/images/0.png")
     assert page.is_hidden("#error") and not errors
+
+
+def test_the_page_shows_the_models_defaults(base_url, page):
+    page.goto(base_url)
+    page.wait_for_selector("#sampler option", state="attached")
+    shown = [page.input_value(f"#{name}") for name in ("steps", "guidance", "sampler", "scheduler")]
+    assert shown == ["3", "2.5", "Euler a", "SGM Uniform"]
 
 
 def test_a_bad_setting_shows_the_servers_message(base_url, page):

@@ -214,3 +214,33 @@ def test_a_model_that_fails_to_load_leaves_the_previous_one_and_no_path(tmp_path
         assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"].startswith("good [")
         answer = client.post("/sdapi/v1/txt2img", json={"prompt": "a cat", "steps": 1})
         assert answer.status_code == 200 and json.loads(answer.json()["info"])["sd_model_name"] == "good"
+
+
+def test_a_model_switch_waits_for_the_running_job(tmp_path):
+    from nanodiffusion.pipelines.metadata import ModelRecord
+    from nanodiffusion.server.models import ModelRegistry
+
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.safetensors").write_bytes(name.encode())
+    first, second, loaded = FakePipe(gated=True), FakePipe(), []
+    registry = ModelRegistry(first, ModelRecord("a", tmp_path / "a.safetensors", "00", "fp32", "cpu"),
+                             dirs=[tmp_path], load=lambda path: loaded.append(path.name) or second)
+    with TestClient(create_app(first, registry.served, registry=registry)) as client:
+        generated, answers = [], []
+        call = threading.Thread(target=lambda: generated.append(
+            client.post("/sdapi/v1/txt2img", json={"prompt": "a cat", "steps": 3})))
+        call.start()
+        assert first.running.wait(WAIT)
+        switch = threading.Thread(target=lambda: answers.append(
+            client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "b.safetensors"})))
+        switch.start()
+        wait_until(lambda: client.get("/sdapi/v1/progress").json()["state"]["job_count"] == 2)
+        assert loaded == [] and answers == []                   # queued behind the running job
+        first.allow(3)
+        for thread in (call, switch):
+            thread.join(WAIT)
+        assert answers[0].status_code == 200 and loaded == ["b.safetensors"]
+        info = json.loads(generated[0].json()["info"])         # answered after the switch, made before it
+        assert info["sd_model_name"] == "a" and "Model: a," in info["infotexts"][0]
+        after = client.post("/sdapi/v1/txt2img", json={"prompt": "a cat", "steps": 1}).json()
+        assert json.loads(after["info"])["sd_model_name"] == "b"

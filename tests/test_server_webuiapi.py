@@ -14,6 +14,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 webuiapi = pytest.importorskip("webuiapi")
 
+from nanodiffusion.pipelines.text_to_image import TextToImage  # noqa: E402
 from server_fakes import WAIT, save_tiny_model, serve_process, wait_until  # noqa: E402
 
 SIZE = {"width": 16, "height": 16}
@@ -43,13 +44,31 @@ def test_txt2img_and_png_info(api):
                          cfg_scale=6, **SIZE)
     assert len(result.images) == 2 and result.image.size == (16, 16)
     assert result.info["all_seeds"] == [5, 6] and result.info["sampler_name"] == "Euler a"
-    assert {"eta", "enable_hr", "alwayson_scripts"} <= set(result.info["ignored_fields"])
+    # webuiapi sends eta and the s_* options always: Euler a takes eta (and s_noise), not the churn
+    assert {"s_churn", "enable_hr", "alwayson_scripts"} <= set(result.info["ignored_fields"])
+    assert "eta" not in result.info["ignored_fields"]
     info = api.png_info(result.images[1])
     assert info.info == result.info["infotexts"][1]
     parsed = info.json["parameters"]
     assert (parsed["Prompt"], parsed["Negative prompt"]) == ("a red fox, (snow:1.2)", "blurry")
     assert parsed["Seed"] == "6"
     assert (parsed["Steps"], parsed["CFG scale"], parsed["Size-1"]) == ("2", "6", "16")
+
+
+def test_sampler_options_reach_the_sampler(api, models):
+    churned = api.txt2img(prompt="a cat", sampler_name="Euler", s_churn=2, seed=3, **SIZE)
+    assert "Sigma churn: 2.0" in churned.info["infotexts"][0]
+    assert "s_churn" not in churned.info["ignored_fields"]
+    assert "eta" in churned.info["ignored_fields"]                  # Euler draws no ancestral noise
+    plain = api.txt2img(prompt="a cat", sampler_name="Euler", seed=3, **SIZE)
+    pipe = TextToImage.from_pretrained(models / "tiny-a")
+    pipe.show_progress = False
+    direct = pipe("a cat", seed=3, num_steps=2, guidance_scale=7.0, sampler="euler",
+                  sampler_options={"s_churn": 2.0}, **SIZE).images[0]
+    assert np.array_equal(pixels(churned.image), pixels(direct))
+    assert not np.array_equal(pixels(churned.image), pixels(plain.image))
+    quiet = api.txt2img(prompt="a cat", sampler_name="Euler a", eta=0.0, seed=3, **SIZE)
+    assert "Eta: 0.0" in quiet.info["infotexts"][0]
 
 
 def test_img2img_with_and_without_a_mask(api):
@@ -112,6 +131,9 @@ def test_every_listed_sampler_generates(api):
     for name in names:
         result = api.txt2img(prompt="a cat", sampler_name=name, seed=1, **SIZE)
         assert result.image.size == (16, 16) and result.info["sampler_name"] == name
+    for scheduler in api.util_get_scheduler_names():         # A1111's names, sent back as it sends them
+        result = api.txt2img(prompt="a cat", sampler_name="Euler", scheduler=scheduler, seed=1, **SIZE)
+        assert result.info["scheduler"].lower().replace(" ", "_") == scheduler
 
 
 def test_the_listing_calls_answer(api, models):

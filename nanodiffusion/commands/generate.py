@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from nanodiffusion.commands.sampler_flags import add_sampler_option_flags, sampler_option_flags
 from nanodiffusion.diffusion.sampling_plan import SIGMA_SCHEDULES
 from nanodiffusion.errors import UserError
 from nanodiffusion.images import (
@@ -59,6 +60,7 @@ def add_arguments(p) -> None:
                         f"(default: the model's, else {DEFAULTS['sampler']})")
     p.add_argument("--sigma-schedule", dest="sigma_schedule", choices=SIGMA_SCHEDULES, default=SUPPRESS,
                    help="sigma grid (default: default, the scheduler's own timesteps)")
+    add_sampler_option_flags(p)
     p.add_argument("--clip-skip", dest="clip_skip", type=int, default=SUPPRESS,
                    help="2 = condition on CLIP's penultimate layer (default: 1)")
     p.add_argument("--tome", dest="tome_ratio", type=float, default=SUPPRESS, metavar="R",
@@ -109,9 +111,14 @@ def build_request(args) -> tuple[GenerationRequest, dict]:
            "vae_tile": None, "vae": None, "vae_hash": None}
     if args.from_image:
         settings = read_settings(read_png_text(args.from_image), args.from_image)
+        if settings.get("img2img"):
+            raise UserError(f"{args.from_image} was made by img2img from an init image that the PNG does not "
+                            "hold: --from replays text-to-image PNGs only")
         stored = settings["request"]
         run.update({key: settings.get(key) for key in run})
     values = {**stored, **{name: given[name] for name in DEFAULTS if name in given}}
+    # checked once the sampler is known, which may be the model's default (run)
+    run["sampler_options"] = {**values.pop("sampler_options", {}), **sampler_option_flags(args)}
     if "size" in given:
         values["width"], values["height"] = given["size"]
     if "prompt" not in values:
@@ -165,8 +172,9 @@ def run(args) -> None:
         _hint_bf16(pipe)
     pipe.vae_tile_size = settings["vae_tile"]
     # the model's own defaults (the built-in model's guidance, sampler, steps) where nothing chose a value
-    request = replace(request, **{key: value for key, value in pipe.generation_defaults.items()
-                                  if key not in settings["chosen"]})
+    request = replace(request, sampler_options=settings["sampler_options"],
+                      **{key: value for key, value in pipe.generation_defaults.items()
+                         if key not in settings["chosen"]})
     model = ModelRecord(settings["model"], path, digest, settings["dtype"], torch.device(device).type,
                         settings["vae_tile"], settings["vae"], vae_hash)
     previews = frame_steps(request.num_steps, args.gif_frames) if args.gif else set()

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from nanodiffusion.commands.sampler_flags import add_sampler_option_flags, sampler_option_flags
 from nanodiffusion.diffusion.samplers import SAMPLERS
 from nanodiffusion.images import save_png, to_pil
 from nanodiffusion.pipelines.ddpm import DDPMPipeline, save_reverse_gif
@@ -15,6 +16,7 @@ def add_arguments(p) -> None:
     # defaults chosen by `nanodiffusion eval` on the built-in model (README): 99 % class agreement
     p.add_argument("--sampler", default="dpmpp_2m_sde", choices=list(SAMPLERS), help="sampler")
     p.add_argument("--steps", type=int, default=20, help="sampling steps (the tutorial's DDPM uses 1000)")
+    add_sampler_option_flags(p)
     p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same images")
     p.add_argument("--guidance", type=float, default=2.0,
                    help="classifier-free guidance scale for class-conditional models (1 = none)")
@@ -31,7 +33,8 @@ def run(args) -> None:
     pipe = DDPMPipeline.from_pretrained(args.model, use_ema=not args.no_ema)
     result = pipe.sample_grid(args.out, num_images=args.num_images, sampler=args.sampler, num_steps=args.steps,
                               seed=args.seed, guidance_scale=args.guidance, labels=args.label,
-                              gif_frames=args.gif_frames if args.gif else 0)
+                              gif_frames=args.gif_frames if args.gif else 0,
+                              **sampler_option_flags(args))
     print(f"wrote {args.out}")
     if args.gif:
         save_reverse_gif(result.frames, args.gif, cols=_grid_cols(pipe, args.num_images))

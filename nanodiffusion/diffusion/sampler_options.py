@@ -6,6 +6,7 @@ mean the same wherever a sampler takes them (sampler_noise); a sampler without t
 """
 
 import inspect
+import math
 from typing import Callable
 
 import torch
@@ -14,6 +15,12 @@ from nanodiffusion.errors import UserError
 
 NOISE_OPTIONS = ("eta", "s_noise", "s_churn", "s_tmin", "s_tmax")
 RUN_INPUTS = ("generator", "callback", "noise_sampler", "alphas_cumprod", "prediction")
+# What a number option may be besides finite (s_tmax's default, inf = no bound, has no JSON form: a request
+# leaves it out): noise amounts are >= 0; DPM++ SDE's r is a fraction of the step in lambda (it divides by
+# 2r); TCD's eta is the paper's gamma in [0, 1] (Zheng et al. 2024, §4.3).
+LIMITS = {name: (lambda v: v >= 0, ">= 0") for name in NOISE_OPTIONS}
+LIMITS["r"] = (lambda v: 0 < v <= 1, "in (0, 1]")
+SAMPLER_LIMITS = {("tcd", "eta"): (lambda v: 0 <= v <= 1, "in [0, 1]")}
 
 
 def accepted_options(sampler: Callable) -> dict[str, object]:
@@ -23,11 +30,31 @@ def accepted_options(sampler: Callable) -> dict[str, object]:
 
 
 def check_options(name: str, sampler: Callable, options: dict) -> None:
-    """Raise a UserError naming the options `sampler` (called `name`) does not take, and the ones it does."""
-    unknown = sorted(set(options) - set(accepted_options(sampler)))
+    """Raise a UserError naming the options `sampler` (called `name`) does not take, and the ones it does,
+    or an option whose value is not of its default's type, not finite, or out of its LIMITS."""
+    takes = accepted_options(sampler)
+    unknown = sorted(set(options) - set(takes))
     if unknown:
-        valid = ", ".join(accepted_options(sampler)) or "none"
+        valid = ", ".join(takes) or "none"
         raise UserError(f"sampler {name!r} takes no option {', '.join(unknown)}; its options: {valid}")
+    for option, value in options.items():
+        _check_value(name, option, value, takes[option])
+
+
+def _check_value(name: str, option: str, value, default) -> None:
+    """A number option takes a finite int or float (an int option an int); a text option a string."""
+    if isinstance(default, str):
+        kind, valid = "a string", isinstance(value, str)
+    elif isinstance(default, int):
+        kind, valid = "an integer", type(value) is int
+    else:
+        kind, valid = "a finite number", type(value) in (int, float) and math.isfinite(value)
+    if not valid:
+        raise UserError(f"sampler option {option} must be {kind}, got {value!r} (leave it out for its "
+                        f"default, {default})")
+    within, limits = SAMPLER_LIMITS.get((name, option)) or LIMITS.get(option, (lambda v: True, ""))
+    if not within(value):
+        raise UserError(f"sampler option {option} must be {limits} for {name!r}, got {value!r}")
 
 
 def schedule_inputs(sampler: Callable, alphas_cumprod: torch.Tensor, prediction: str = "epsilon") -> dict:

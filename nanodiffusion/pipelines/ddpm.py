@@ -7,7 +7,7 @@ import torch
 from tqdm.auto import tqdm
 
 from nanodiffusion.diffusion.denoisers import Denoiser, cfg_denoiser
-from nanodiffusion.diffusion.sampler_options import schedule_inputs
+from nanodiffusion.diffusion.sampler_options import check_options, schedule_inputs
 from nanodiffusion.diffusion.samplers import SAMPLERS, resolve_sampler
 from nanodiffusion.diffusion.sampling_plan import SchedulerSettings, final_latent, initial_noise_scale
 from nanodiffusion.diffusion.schedules import ScheduleConfig, check_num_steps
@@ -92,12 +92,14 @@ class DDPMPipeline:
     def __call__(self, num_images: int = 16, *, sampler: str = "ddpm", num_steps: int = 1000, seed: int = 0,
                  guidance_scale: float = 1.0, labels=None, gif_frames: int = 0, progress: bool = True,
                  **sampler_options) -> SampleResult:
-        """Draw `num_images` samples; `gif_frames > 0` records that many evenly spaced x_t of the reverse process."""
+        """Draw `num_images` samples; `gif_frames > 0` records that many evenly spaced x_t of the reverse
+        process. `sampler_options` are the sampler's own (diffusion/sampler_options.py), e.g. eta=0.5."""
         if num_images < 1:
             raise UserError(f"the number of images must be >= 1, got {num_images}")
         if guidance_scale < 0:
             raise UserError(f"guidance scale must be >= 0, got {guidance_scale}")
         sampler = resolve_sampler(sampler)
+        check_options(sampler, SAMPLERS[sampler].function, sampler_options)
         check_num_steps(num_steps, self.schedule.num_timesteps)
         if gif_frames > num_steps + 1:
             raise UserError(f"a GIF of the reverse process has at most steps + 1 = {num_steps + 1} frames, "

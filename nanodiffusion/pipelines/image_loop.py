@@ -70,7 +70,7 @@ def generate_each(pipe, request: GenerationRequest, num_images: int, model: Mode
                     continue
                 raise
             image, done, stop = to_pil(pipe.decode_latents(latest[0]))[0], image_request, error
-        text = png_text(done, model)
+        text = png_text(done, model, img2img=edit is not None)
         if stop is not None:
             text[PARAMETERS_KEY] += ", Interrupted: true"
         yield MadeImage(edit.finish(image) if edit is not None else image, text, done, stop is not None)

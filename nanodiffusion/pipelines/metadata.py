@@ -15,13 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nanodiffusion import __version__
-from nanodiffusion.diffusion.samplers import SAMPLERS, resolve_sampler
+from nanodiffusion.diffusion.samplers import SAMPLERS, resolve_sampler, sampler_options
 from nanodiffusion.diffusion.sampling_plan import SIGMA_SCHEDULES
 from nanodiffusion.errors import UserError
 
 PARAMETERS_KEY = "parameters"
 SETTINGS_KEY = "nanodiffusion"
 SETTINGS_FORMAT = 1
+# A1111's infotext names of the standard sampler options (its k-diffusion samplers' "Eta", its DDIM's
+# "Eta DDIM"); like A1111 the text names an option only where it differs from the sampler's default.
+OPTION_LABELS = {"eta": "Eta", "s_churn": "Sigma churn", "s_tmin": "Sigma tmin", "s_tmax": "Sigma tmax",
+                 "s_noise": "Sigma noise"}
 
 @dataclass(frozen=True)
 class ModelRecord:
@@ -42,16 +46,19 @@ class ModelRecord:
         return self.path.stem if self.path.is_file() else Path(self.argument).name
 
 
-def png_text(request, model: ModelRecord) -> dict[str, str]:
-    """Both text chunks of an image of `request` (one prompt, its seed filled in) made by `model`."""
-    vae = (Path(model.vae).name, model.vae_hash) if model.vae is not None else (None, None)
-    return {PARAMETERS_KEY: a1111_parameters(request, model.name, model.hash, *vae),
-            SETTINGS_KEY: settings_json(request, model)}
+def png_text(request, model: ModelRecord, *, img2img: bool = False) -> dict[str, str]:
+    """Both text chunks of an image of `request` (one prompt, its seed filled in) made by `model`, from an
+    init image if `img2img`."""
+    vae = {"vae_name": Path(model.vae).name, "vae_hash": model.vae_hash} if model.vae is not None else {}
+    return {PARAMETERS_KEY: a1111_parameters(request, model.name, model.hash, img2img=img2img, **vae),
+            SETTINGS_KEY: settings_json(request, model, img2img=img2img)}
 
 
-def a1111_parameters(request, model_name: str | None, model_hash: str | None, vae_name: str | None = None,
-                     vae_hash: str | None = None) -> str:
-    """A1111's infotext for one image of `request` (a GenerationRequest with one prompt and seed filled in).
+def a1111_parameters(request, model_name: str | None, model_hash: str | None, *,
+                     img2img: bool = False, vae_name: str | None = None, vae_hash: str | None = None) -> str:
+    """A1111's infotext for one image of `request` (a GenerationRequest with one prompt and seed filled in),
+    with its "Denoising strength" if it was made from an init image (`img2img`), and the VAE that replaced
+    the model's (`vae_name`, `vae_hash`).
 
     As A1111: no negative line when there is no negative prompt, no schedule type for the sampler's own, and
     values holding a comma, colon or newline are written as JSON strings.
@@ -72,8 +79,10 @@ def a1111_parameters(request, model_name: str | None, model_hash: str | None, va
         "Model": model_name,
         "VAE hash": vae_hash,
         "VAE": vae_name,
+        "Denoising strength": f"{request.strength:g}" if img2img else None,
         "Clip skip": request.clip_skip if request.clip_skip != 1 else None,
         "Token merging ratio": f"{request.tome_ratio:g}" if request.tome_ratio else None,
+        **_option_labels(request),
         "Version": f"nanodiffusion {__version__}",
     }
     lines.append(", ".join(f"{key}: {_quote(str(value))}" for key, value in settings.items()
@@ -81,18 +90,30 @@ def a1111_parameters(request, model_name: str | None, model_hash: str | None, va
     return "\n".join(lines)
 
 
+def _option_labels(request) -> dict[str, object]:
+    """A1111's infotext entries of the request's sampler options that differ from the sampler's defaults."""
+    sampler = resolve_sampler(request.sampler)
+    defaults = sampler_options(sampler)
+    labels = {**OPTION_LABELS, "eta": "Eta DDIM" if sampler == "ddim" else "Eta"}
+    return {labels[name]: value for name, value in request.sampler_options.items()
+            if name in labels and value != defaults[name]}
+
+
 def _quote(value: str) -> str:
     return json.dumps(value, ensure_ascii=False) if any(c in value for c in ",:\n") else value
 
 
-def settings_json(request, model: ModelRecord) -> str:
-    """Our own text chunk: the request and what else decides the pixels (model, dtype, device, the VAE
-    tile size when the image was decoded in tiles, and the autoencoder when --vae replaced the model's)."""
+def settings_json(request, model: ModelRecord, *, img2img: bool = False) -> str:
+    """Our own text chunk: the request and what else decides the pixels (model, dtype, device, the VAE tile
+    size when the image was decoded in tiles, the autoencoder when --vae replaced the model's, and whether
+    an init image, which the PNG does not hold, did)."""
     run = {"model": model.argument, "model_hash": model.hash, "dtype": model.dtype, "device": model.device}
     if model.vae_tile is not None:
         run["vae_tile"] = model.vae_tile
     if model.vae is not None:
         run.update(vae=model.vae, vae_hash=model.vae_hash)
+    if img2img:
+        run["img2img"] = True
     return json.dumps({"format": SETTINGS_FORMAT, "version": __version__, "request": request.to_dict(),
                        **run}, ensure_ascii=False)
 

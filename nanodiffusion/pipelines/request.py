@@ -3,14 +3,15 @@ generation defaults a model folder may carry.
 """
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from nanodiffusion.config import JSONConfig
-from nanodiffusion.diffusion.samplers import resolve_sampler
+from nanodiffusion.diffusion.sampler_options import check_options
+from nanodiffusion.diffusion.samplers import get_sampler, resolve_sampler
 from nanodiffusion.diffusion.sampling_plan import check_sigma_schedule
 from nanodiffusion.diffusion.schedules import check_num_steps
 from nanodiffusion.errors import UserError
@@ -41,6 +42,8 @@ class GenerationRequest(JSONConfig):
     clip_skip: int = 1                   # 2: the penultimate CLIP layer (A1111's "Clip skip")
     emphasis: bool = True                # read A1111's (word:1.3) / [word] syntax in prompts
     tome_ratio: float = 0.0              # token merging (nets/token_merging.py): the fraction merged; 0 = off
+    # the sampler's own options (diffusion/sampler_options.py), e.g. {"eta": 0.5}; left out: its defaults
+    sampler_options: dict = field(default_factory=dict)
 
     def __post_init__(self):
         prompts = self.prompts
@@ -59,7 +62,10 @@ class GenerationRequest(JSONConfig):
                 raise UserError(f"{name} must be a positive multiple of 8, got {value!r}")
         if not isinstance(self.num_images_per_prompt, int) or self.num_images_per_prompt < 1:
             raise UserError(f"num_images_per_prompt must be >= 1, got {self.num_images_per_prompt!r}")
-        resolve_sampler(self.sampler)
+        options = self.sampler_options
+        if not isinstance(options, dict) or not all(isinstance(name, str) for name in options):
+            raise UserError(f"sampler_options must map option names to values, got {options!r}")
+        check_options(resolve_sampler(self.sampler), get_sampler(self.sampler), options)
         check_sigma_schedule(self.sigma_schedule)
         if not 0 <= self.strength <= 1:
             raise UserError(f"strength must be between 0 and 1, got {self.strength}")

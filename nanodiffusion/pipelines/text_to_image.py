@@ -37,7 +37,7 @@ from nanodiffusion.pipelines.request import (
 )
 from nanodiffusion.weights import file_pages, load_sd, load_vae
 from nanodiffusion.weights.components import SD15_SCHEDULER, resolve_dtype
-from nanodiffusion.weights.families import FAMILY_DEFAULTS, detect_family
+from nanodiffusion.weights.families import model_defaults
 from nanodiffusion.weights.models import model_path
 
 
@@ -104,8 +104,9 @@ class TextToImage:
         if vae is not None:
             parts.vae = vae if isinstance(vae, torch.nn.Module) else load_vae(
                 vae, dtype=dtype, device=device, memory_format=memory_format)
-        # the model family's settings (SD-Turbo: 1 step, no guidance), then the folder's own file
-        defaults = {**FAMILY_DEFAULTS[detect_family(parts.text_encoder.config, parts.scheduler_config)],
+        # the model family's settings (SD-Turbo: 1 step, no guidance) and its scheduler class's sampler (DDIM
+        # for SD 2.1), then the folder's own file
+        defaults = {**model_defaults(parts.text_encoder.config, parts.scheduler_config),
                     **(read_generation_defaults(path) if path.is_dir() else {})}
         return cls(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.scheduler_config,
                    generation_defaults=defaults)
@@ -216,7 +217,7 @@ class TextToImage:
                 mask = mask.to(self.device)
                 model = inpainting_denoiser(model, original, noise, mask)
         with merging_tokens(self.unet, request.tome_ratio, request.seed or 0):     # no-op at ratio 0
-            x = self._sample(sampler, model, x, sigmas, generator, callback)
+            x = self._sample(sampler, model, x, sigmas, generator, callback, request.sampler_options)
         x = final_latent(sampler, x, sigmas)
         if mask_image is not None:
             x = mask * x + (1 - mask) * original              # DDIM and PLMS end above sigma = 0
@@ -298,7 +299,7 @@ class TextToImage:
         latents = latents * self.vae.config.scaling_factor
         return latents.repeat_interleave(self._latent_shape(request)[0] // len(latents), dim=0)
 
-    def _sample(self, sampler: str, model, x, sigmas, generator, callback) -> torch.Tensor:
+    def _sample(self, sampler: str, model, x, sigmas, generator, callback, options: dict) -> torch.Tensor:
         bar = tqdm(total=len(sigmas) - 1, desc="sampling", disable=not self.show_progress, leave=False)
 
         def step(i, x_i, denoised):
@@ -309,7 +310,7 @@ class TextToImage:
         function = SAMPLERS[sampler].function
         # TCD reads the timesteps, PLMS extrapolates the network's own output (diffusers' PNDMScheduler)
         inputs = schedule_inputs(function, self.schedule.alphas_cumprod, self.schedule.prediction)
-        x = function(model, x, sigmas, generator=generator, callback=step, **inputs)
+        x = function(model, x, sigmas, generator=generator, callback=step, **inputs, **options)
         bar.close()
         return x
 

@@ -3,29 +3,35 @@ their fields with strict types, the server's limits and per-job cost bound, and 
 GenerationRequest.
 
 A1111 clients send many fields we do not implement (hires fix, face restoration, scripts...): the known ones
-are accepted and listed in the answer's `info["ignored_fields"]`; a field A1111 does not know either is a
-422, so that a typo ("step": 20) is never silently ignored. A setting that the pipeline cannot honour
+are accepted and listed in the answer's `info["ignored_fields"]`, as are the sampler options (`eta`,
+`s_churn`...) the chosen sampler does not take; a field A1111 does not know either is a 422, so that a typo
+("step": 20) is never silently ignored. A setting that the pipeline cannot honour
 (latent-noise inpainting fill, a latent upscale) is a 422 that says so. Fields left out take the model's
 defaults (its generation_defaults.json), else GenerationRequest's.
 """
 
+import math
 from dataclasses import replace
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from nanodiffusion.diffusion.samplers import resolve_sampler
+from nanodiffusion.diffusion.sampler_options import NOISE_OPTIONS
+from nanodiffusion.diffusion.samplers import resolve_sampler, sampler_options
 from nanodiffusion.diffusion.sampling_plan import SIGMA_SCHEDULES
 from nanodiffusion.pipelines.request import GenerationRequest
 from nanodiffusion.server.a1111_images import INPAINTING_FILLS, RESIZE_MODES
 
 MAX_PROMPT_CHARS = 10_000
-# A1111's scheduler names (lowercase) -> our sigma schedules
-SCHEDULERS = {schedule.a1111.lower(): name for name, schedule in SIGMA_SCHEDULES.items()}
+# A1111's scheduler names ("sgm_uniform", ours but "automatic") and labels ("SGM Uniform"), lowercase: A1111
+# takes either -> our sigma schedules
+SCHEDULE_NAMES = {name: "automatic" if name == "default" else name for name in SIGMA_SCHEDULES}
+SCHEDULERS = {**{schedule.a1111.lower(): name for name, schedule in SIGMA_SCHEDULES.items()},
+              **{a1111: name for name, a1111 in SCHEDULE_NAMES.items()}}
 # A1111 (1.10) fields that we accept and ignore: they are listed in info["ignored_fields"]
 IGNORED_COMMON = frozenset((
     "styles subseed subseed_strength seed_resize_from_h seed_resize_from_w restore_faces tiling "
-    "do_not_save_samples do_not_save_grid eta s_min_uncond s_churn s_tmax s_tmin s_noise "
+    "do_not_save_samples do_not_save_grid s_min_uncond "
     "override_settings_restore_afterwards refiner_checkpoint refiner_switch_at disable_extra_networks "
     "comments force_task_id script_name script_args send_images save_images alwayson_scripts infotext "
     "distilled_cfg_scale"
@@ -61,6 +67,13 @@ class Txt2ImgRequest(BaseModel):
     n_iter: int = Field(1, ge=1)
     override_settings: dict[str, Any] = Field(default_factory=dict,
                                               description=f"only {CLIP_SKIP_SETTING} is read")
+    # the standard sampler options, for the samplers that take them (others list them as ignored)
+    eta: float | None = Field(None, ge=0, description="noise amount of ancestral/SDE samplers, DDIM's eta, "
+                                                      "TCD's gamma; default: the sampler's (1, 0, 0.3)")
+    s_churn: float | None = Field(None, ge=0, description="Euler, Heun, DPM2: churn (default 0)")
+    s_tmin: float | None = Field(None, ge=0, description="churn where sigma >= s_tmin (default 0)")
+    s_tmax: float | None = Field(None, ge=0, description="churn where sigma <= s_tmax (default 0: no bound)")
+    s_noise: float | None = Field(None, ge=0, description="multiplies each fresh noise draw (default 1)")
 
     @field_validator("prompt", "negative_prompt")
     @classmethod
@@ -100,11 +113,22 @@ class Txt2ImgRequest(BaseModel):
     def num_images(self) -> int:
         return self.batch_size * self.n_iter
 
-    @property
-    def ignored_fields(self) -> list[str]:
-        """The A1111 fields sent that we do not implement, override_settings keys as override_settings.KEY."""
+    def ignored_fields(self, sampler: str) -> list[str]:
+        """The A1111 fields sent that we do not implement, or that `sampler` does not take (eta for Euler),
+        override_settings keys as override_settings.KEY."""
         settings = [f"override_settings.{key}" for key in self.override_settings if key != CLIP_SKIP_SETTING]
-        return sorted(self.model_extra) + settings
+        unused = [name for name in NOISE_OPTIONS
+                  if getattr(self, name) is not None and name not in sampler_options(sampler)]
+        return sorted([*self.model_extra, *unused]) + settings
+
+    def options_for(self, sampler: str) -> dict[str, float]:
+        """The sampler options sent that `sampler` takes, where they differ from its defaults (A1111's
+        semantics: s_tmax 0 means no bound; an option left out takes the sampler's default)."""
+        takes = sampler_options(sampler)
+        sent = {name: getattr(self, name) for name in NOISE_OPTIONS if getattr(self, name) is not None}
+        if sent.get("s_tmax") == 0:
+            sent["s_tmax"] = math.inf
+        return {name: value for name, value in sent.items() if name in takes and value != takes[name]}
 
     def sampler_and_schedule(self, defaults: dict) -> tuple[str, str]:
         """Our sampler name and sigma schedule: "DPM++ 2M Karras" is DPM++ 2M on the Karras schedule; what
@@ -130,7 +154,8 @@ class Txt2ImgRequest(BaseModel):
             guidance_scale=self.cfg_scale if self.cfg_scale is not None
             else pick("guidance_scale", _DEFAULT.guidance_scale),
             height=self.height or native_size, width=self.width or native_size, sampler=sampler,
-            sigma_schedule=schedule, clip_skip=self.override_settings.get(CLIP_SKIP_SETTING, 1))
+            sigma_schedule=schedule, sampler_options=self.options_for(sampler),
+            clip_skip=self.override_settings.get(CLIP_SKIP_SETTING, pick("clip_skip", 1)))
 
     def echo(self, request: GenerationRequest) -> dict:
         """A1111's `parameters` of the answer: the body with the settings as run filled in."""

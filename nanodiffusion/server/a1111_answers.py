@@ -14,7 +14,7 @@ from nanodiffusion import __version__
 from nanodiffusion.diffusion.samplers import SAMPLERS, resolve_sampler
 from nanodiffusion.diffusion.sampling_plan import SIGMA_SCHEDULES
 from nanodiffusion.pipelines.metadata import PARAMETERS_KEY
-from nanodiffusion.server.a1111 import CLIP_SKIP_SETTING, SCHEDULERS
+from nanodiffusion.server.a1111 import CLIP_SKIP_SETTING, SCHEDULE_NAMES
 
 # What this server has none of (no VAE files apart from the models', no LoRA yet, no upscaler, no scripts...):
 # clients read these lists at start-up, so each answers, truthfully empty.
@@ -42,7 +42,7 @@ def generation_info(body, request, images: list, model, interrupted: bool) -> di
         "sd_model_name": model.name, "sd_model_hash": model.hash, "index_of_first_image": 0,
         "infotexts": [image.infotext for image in images], "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
         "interrupted": interrupted, "partial_images": [k for k, image in enumerate(images) if image.partial],
-        "ignored_fields": body.ignored_fields, "version": f"nanodiffusion {__version__}",
+        "ignored_fields": body.ignored_fields(request.sampler), "version": f"nanodiffusion {__version__}",
     }
 
 
@@ -74,8 +74,8 @@ def samplers() -> list[dict]:
 
 def schedulers() -> list[dict]:
     """`GET /sdapi/v1/schedulers` (A1111 1.9+): each name is accepted as `scheduler`."""
-    return [{"name": name, "label": SIGMA_SCHEDULES[schedule].a1111, "aliases": None}
-            for name, schedule in SCHEDULERS.items()]
+    return [{"name": SCHEDULE_NAMES[name], "label": schedule.a1111, "aliases": None}
+            for name, schedule in SIGMA_SCHEDULES.items()]
 
 
 def sd_models(registry) -> list[dict]:

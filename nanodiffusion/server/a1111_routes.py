@@ -151,7 +151,7 @@ async def _generate(service: Service, body: Txt2ImgRequest, request: Request, ed
         return AsciiJSONResponse({"detail": "the client went away: the job was cancelled"}, status_code=499)
     if job.state == FAILED:
         return AsciiJSONResponse({"error": "generation failed", "detail": job.error}, status_code=500)
-    info = answers.generation_info(body, job.request, job.images, service.registry.served,
+    info = answers.generation_info(body, job.request, job.images, job.model or service.registry.served,
                                    interrupted=job.cancel_requested)
     return {"images": [base64.b64encode(image.png).decode("ascii") for image in job.images],
             "parameters": body.echo(job.request), "info": dumps(info)}

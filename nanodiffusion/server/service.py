@@ -71,7 +71,9 @@ class Service:
         if isinstance(job.request, ModelSwitch):
             self.registry.switch(job.request.name)
         else:
-            run_job(self.registry.pipe, self.registry.served, job, self.previews)
+            # the answer names this model even when a switch queued behind the job has run by then
+            job.model = self.registry.served
+            run_job(self.registry.pipe, job.model, job, self.previews)
 
     def pipe(self):
         """The loaded pipeline; ModelLoading while a switch has unloaded it."""

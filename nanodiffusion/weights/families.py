@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from nanodiffusion.diffusion.samplers import ALIASES
 from nanodiffusion.errors import UserError
 from nanodiffusion.nets.clip_text import CLIPTextConfig
 from nanodiffusion.weights.components import SD15_SCHEDULER
@@ -20,7 +21,8 @@ from nanodiffusion.weights.original_keys import PREFIXES, TEXT_PREFIXES
 # (The 512-base models' files differ from SD15_SCHEDULER in nothing our samplers read.)
 SD2_V_SCHEDULER = {**SD15_SCHEDULER, "_class_name": "DDIMScheduler", "prediction_type": "v_prediction"}
 
-# GenerationRequest fields per family where its defaults (SD v1.x's: 50 PLMS steps, guidance 7.5) do not fit.
+# GenerationRequest fields per family where its defaults (50 steps, guidance 7.5, the scheduler class's
+# sampler: model_defaults) do not fit.
 # SD-Turbo is distilled for 1-4 steps without guidance (Sauer et al. 2023, "Adversarial Diffusion
 # Distillation"); LCM for 2-8 steps with the guidance baked in (Luo et al. 2023).
 FAMILY_DEFAULTS = {
@@ -28,6 +30,32 @@ FAMILY_DEFAULTS = {
     "one-step": {"num_steps": 1, "guidance_scale": 0.0, "sampler": "euler"},
     "lcm": {"num_steps": 4, "guidance_scale": 1.0, "sampler": "lcm"},
 }
+
+# DPMSolverMultistepScheduler's (algorithm_type, solver_type) at solver_order 2 -> our sampler; its other
+# variants (DPM-Solver without ++, orders 1 and 3, dpmsolver++ with heun) we do not have.
+DPM_SOLVER_VARIANTS = {("dpmsolver++", "midpoint"): "dpmpp_2m",
+                       ("sde-dpmsolver++", "midpoint"): "dpmpp_2m_sde",
+                       ("sde-dpmsolver++", "heun"): "dpmpp_2m_sde_heun"}
+
+
+def model_defaults(text: CLIPTextConfig, scheduler_config: Mapping) -> dict:
+    """The generation settings of a model without a generation_defaults.json: its family's (FAMILY_DEFAULTS)
+    over its scheduler class's sampler, which diffusers' pipeline runs by default (`scheduler_defaults`)."""
+    return {**scheduler_defaults(scheduler_config), **FAMILY_DEFAULTS[detect_family(text, scheduler_config)]}
+
+
+def scheduler_defaults(scheduler_config: Mapping) -> dict:
+    """The sampler that retraces a scheduler config's class, and its Karras sigmas if it sets them: DDIM for
+    SD 2.1's folder, PNDM (plms) for SD v1.5's; {} for a class (or DPM-Solver variant) we do not have."""
+    config = scheduler_config
+    name = ALIASES.get(config.get("_class_name", ""))
+    if name == "dpmpp_2m":                   # one class, several samplers (diffusers' defaults: dpmpp_2m)
+        variant = (config.get("algorithm_type", "dpmsolver++"), config.get("solver_type", "midpoint"))
+        name = DPM_SOLVER_VARIANTS.get(variant) if config.get("solver_order", 2) == 2 else None
+    if name is None:
+        return {}
+    return {"sampler": name, **({"sigma_schedule": "karras"} if config.get("use_karras_sigmas") else {})}
+
 
 # diffusers pipeline classes (model_index.json's _class_name) of models that are not supported yet.
 UNSUPPORTED_PIPELINES = {

@@ -45,9 +45,11 @@ def looks_like_repo_id(text: str) -> bool:
 
 
 def _patterns(variant: str | None) -> list[str]:
-    """Only what load_diffusers reads: configs, tokenizer files and one weight file per network."""
+    """Only what load_diffusers reads: configs, tokenizer files and one weight file per network, and the
+    folder's generation defaults, which TextToImage.from_pretrained reads (pipelines/request.py)."""
     suffix = f".{variant}" if variant else ""
     return ["model_index.json", "*/config.json", "scheduler/scheduler_config.json", "tokenizer/*",
+            "generation_defaults.json",
             f"unet/diffusion_pytorch_model{suffix}.safetensors",
             f"vae/diffusion_pytorch_model{suffix}.safetensors", f"text_encoder/model{suffix}.safetensors"]
 

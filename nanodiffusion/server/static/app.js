@@ -11,7 +11,8 @@ let maxSize = 2048;
 let painted = false;            // whether the mask canvas holds paint
 
 async function init() {
-  const [info, samplers] = await Promise.all([getJson("/api/info"), getJson("/sdapi/v1/samplers")]);
+  const [info, samplers, schedulers] = await Promise.all(
+    [getJson("/api/info"), getJson("/sdapi/v1/samplers"), getJson("/sdapi/v1/schedulers")]);
   $("model").textContent = `${info.model} [${info.model_hash}] · ${info.dtype} on ${info.device}`;
   maxSize = info.max_size;
   for (const id of ["width", "height"]) {
@@ -21,7 +22,8 @@ async function init() {
   $("steps").max = info.max_steps;
   $("num-images").replaceChildren(...range(1, info.max_images).map((n) => new Option(n, n)));
   $("sampler").replaceChildren(...samplers.map((s) => new Option(s.name, s.name)));
-  showDefaults(info.defaults, samplers);
+  $("scheduler").replaceChildren(...schedulers.map((s) => new Option(s.label, s.label)));
+  showDefaults(info.defaults, samplers, schedulers);
   $("seed-random").addEventListener("change", () => { $("seed").disabled = $("seed-random").checked; });
   $("form").addEventListener("submit", (event) => { event.preventDefault(); generate(); });
   $("prompt").addEventListener("keydown", (event) => {
@@ -31,14 +33,15 @@ async function init() {
   initEditing();
 }
 
-function showDefaults(defaults, samplers) {
+function showDefaults(defaults, samplers, schedulers) {
   // the model's own defaults (its generation_defaults.json): what the API uses when a field is left out
   $("steps").value = defaults.steps;
   $("guidance").value = defaults.cfg_scale;
   const sampler = samplers.find((s) => s.aliases.includes(defaults.sampler));
   if (sampler) $("sampler").value = sampler.name;
-  const schedule = defaults.schedule === "default" ? "Automatic" : defaults.schedule;
-  $("scheduler").value = schedule.charAt(0).toUpperCase() + schedule.slice(1);
+  const name = defaults.schedule === "default" ? "automatic" : defaults.schedule;     // A1111's names
+  const schedule = schedulers.find((s) => s.name === name);
+  if (schedule) $("scheduler").value = schedule.label;
   $("strength").value = defaults.denoising_strength;
   $("strength-value").textContent = defaults.denoising_strength;
 }
