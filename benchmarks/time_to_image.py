@@ -254,7 +254,8 @@ def report(args) -> None:
         results = {}
         for implementation in IMPLEMENTATIONS:
             results[implementation] = _run(args, name, implementation)
-            print(f"  {name} {implementation}: done", flush=True)
+            figures = ", ".join(f"{key} {value:.2f}" for key, value in results[implementation].items())
+            print(f"  {name} {implementation}: done ({figures})", flush=True)
         ok &= _print_recipe(args, name, recipe, results, sum(sizes[recipe.model].values()))
     print(f"load average {os.getloadavg()[0]:.2f} at the end")
     if not ok:
