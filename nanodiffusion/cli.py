@@ -45,6 +45,14 @@ def with_default_stage(argv: list[str]) -> list[str]:
     return argv
 
 
+OUT_OF_MEMORY = "out of memory: ask for fewer or smaller images (or a smaller batch)"
+
+
+def _is_allocation_failure(error: RuntimeError) -> bool:
+    """True for torch's out-of-memory errors: CUDA's OutOfMemoryError, the CPU allocator's RuntimeError."""
+    return type(error).__name__ == "OutOfMemoryError" or "can't allocate memory" in str(error)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user mistakes print `error: ...` and exit with status 2, never a stack trace."""
     argv = with_default_stage(list(sys.argv[1:] if argv is None else argv))
@@ -56,6 +64,17 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:                # the machine's side: a file or disk that fails under us
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except MemoryError:
+        print(f"error: {OUT_OF_MEMORY}", file=sys.stderr)
+        sys.exit(1)
+    except RuntimeError as e:           # torch's allocators fail with RuntimeErrors, not MemoryError
+        if not _is_allocation_failure(e):
+            raise
+        print(f"error: {OUT_OF_MEMORY} ({str(e).splitlines()[0][:200]})", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -75,6 +75,18 @@ def test_mix_is_a_concatenation_in_rgb_at_one_size(data_dir):
     assert load_captioned("mnist+shapes", data_dir=data_dir, num_shapes=2).image_size == 28   # MNIST's size
 
 
+def test_num_class_images_keeps_the_first_images_of_each_mnist_family_part(data_dir):
+    full = load_captioned("fashion-mnist+mnist+shapes", image_size=16, data_dir=data_dir, num_shapes=4)
+    part = load_captioned("fashion-mnist+mnist+shapes", image_size=16, data_dir=data_dir, num_shapes=4,
+                          num_class_images=5)
+    assert part.parts == (("fashion-mnist", 5), ("mnist", 5), ("shapes", 4))
+    kept = torch.cat([torch.arange(5), torch.arange(64, 69), torch.arange(128, 132)])
+    assert torch.equal(part.images, full.images[kept])
+    assert [part.caption(i) for i in range(14)] == [full.caption(i) for i in kept.tolist()]
+    with pytest.raises(UserError, match="num_class_images must be positive, got 0"):
+        load_captioned("mnist", data_dir=data_dir, num_class_images=0)
+
+
 @pytest.mark.parametrize("convention", ["jsonl", "txt"])
 def test_captioned_folder(tmp_path, convention):
     # All images in sub-folders (or all directly inside): read_image_folder refuses a mix of the two.
@@ -120,7 +132,7 @@ A_PNG, B_PNG = '{"file_name": "a.png", "text": "x"}', '{"file_name": "b.png", "t
     ([A_PNG, B_PNG[:-1] + ","], "line 2 is not valid JSON"),
     (['{"file_name": "a.png", "caption": "x"}'], r"line 1 has no 'text' column \(it has: file_name, caption"),
     (['{"text": "x"}'], "line 1 has no 'file_name' column"),
-    (['["a.png", "x"]'], "line 1: expected a JSON object"),
+    (['["a.png", "x"]'], "line 1 is a JSON list, not an object"),
     (['{"file_name": "a.png", "text": 3}'], "'text' must be a string"),
     ([A_PNG, B_PNG.replace("b.png", "c.png")], "line 2: image 'c.png' not found"),
     ([A_PNG, B_PNG.replace("b.png", "./a.png")], "second caption for './a.png'"),

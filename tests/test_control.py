@@ -8,7 +8,7 @@ import torch
 
 from nanodiffusion.diffusion.denoisers import (
     ControlUnit, Denoiser, active_steps, cfg_denoiser, control_denoiser, controlled_unet, guess_mode_scales,
-    step_index,
+    soft_injection_scales, step_index,
 )
 from nanodiffusion.diffusion.samplers import SAMPLERS
 from nanodiffusion.diffusion.schedules import ScheduleConfig, get_alphas_cumprod
@@ -118,6 +118,29 @@ def test_guess_mode_scales_each_level():
     assert seen["mid"].item() == pytest.approx(2 * 3 * 1.0)
 
 
+@pytest.mark.parametrize("control_mode, rows", [("balanced", 4), ("prompt", 4), ("controlnet", 2)])
+def test_a1111_control_modes_scale_the_levels_and_pick_the_rows(control_mode, rows):
+    """A1111's "My prompt is more important" scales residual k of 13 by 0.825^(12-k) on every row;
+    "ControlNet is more important" does that on the conditional rows only."""
+    seen = {}
+
+    def unet(x, t, context, down_residuals=None, mid_residual=None):
+        seen["down"], seen["mid"] = down_residuals, mid_residual
+        return x
+
+    unit = ControlUnit(StandIn(), torch.zeros(1, 3, 8, 8), scale=2.0, control_mode=control_mode)
+    net = controlled_unet(unet, [unit])
+    model = control_denoiser(lambda x, sigma, **cond: net(x, torch.zeros(x.shape[0]), **cond), [unit], SIGMAS)
+    model(torch.zeros(4, 4, 1, 1), SIGMAS[0], context=torch.zeros(4, 5, 8),
+          conditional=torch.tensor([0.0, 0.0, 1.0, 1.0]))
+    levels = [1.0, 1.0, 1.0] if control_mode == "balanced" else [0.825**2, 0.825, 1.0]
+    weights = torch.tensor([0.0] * (4 - rows) + [2.0] * rows)[:, None, None, None]
+    assert unit.controlnet.calls == [rows]
+    for residual, level, value in zip([*seen["down"], seen["mid"]], levels, (1, 2, 3)):
+        assert torch.allclose(residual, weights * level * value)
+    assert soft_injection_scales(13)[0].item() == pytest.approx(0.825**12)
+
+
 @pytest.mark.parametrize("sampler, calls", [("euler", 6), ("heun", 12)])
 def test_samplers_see_the_control_on_the_fraction_of_their_steps(sampler, calls):
     """Heun evaluates at sigmas[i] (step i) and at sigmas[i+1] (step i+1): 6 + 6 of its 19 evaluations."""
@@ -135,6 +158,10 @@ def test_invalid_units_and_images_fail_clearly():
         ControlUnit(StandIn(), torch.zeros(1, 3, 8, 8), end=1.5)
     with pytest.raises(UserError, match=r"\(B, C, H, W\)"):
         ControlUnit(StandIn(), torch.zeros(3, 8, 8))
+    with pytest.raises(UserError, match="unknown control mode 'strong'; valid: balanced, prompt, controlnet"):
+        ControlUnit(StandIn(), torch.zeros(1, 3, 8, 8), control_mode="strong")
+    with pytest.raises(UserError, match="choose one"):
+        ControlUnit(StandIn(), torch.zeros(1, 3, 8, 8), guess_mode=True, control_mode="prompt")
     unit = ControlUnit(StandIn(), torch.zeros(2, 3, 8, 8))
     with pytest.raises(UserError, match="must be 1 or divide the batch"):
         controlled_unet(stand_in_unet, [unit])(torch.zeros(3, 4, 1, 1), torch.zeros(3), torch.zeros(3, 5, 8))

@@ -141,8 +141,10 @@ def test_torchrun_cli_matches_a_single_process(tmp_path):
     assert parallel.returncode == 0, parallel.stderr
     assert parallel.stdout.count("done:") == 1                       # rank 0 alone prints
     single_log, parallel_log = ((tmp_path / run / "log.jsonl").read_text() for run in ("one", "two"))
-    assert single_log.count("\n") == parallel_log.count("\n") == 1            # one epoch of 3 steps
-    expected, got = (json.loads(log)["loss"] for log in (single_log, parallel_log))
+    # one epoch of 3 steps, then the 4th step's partial epoch, which --max-steps ends
+    assert single_log.count("\n") == parallel_log.count("\n") == 2
+    expected, got = ([json.loads(line)["loss"] for line in log.splitlines()]
+                     for log in (single_log, parallel_log))
     assert got == pytest.approx(expected, rel=1e-5)
     tensors, meta = checkpoint.load_checkpoint(tmp_path / "two" / "last.safetensors")
     assert meta["world_size"] == 2 and "rng.torch.rank1" in tensors and meta["state"]["step"] == 4

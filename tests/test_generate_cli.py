@@ -129,9 +129,9 @@ def test_default_model_is_the_builtin_one_with_a_clear_error_if_it_is_missing(ca
 @pytest.mark.parametrize("argv, message", [
     (["--size", "30x32"], "width must be a positive multiple of 8, got 30"),
     (["--steps", "0"], "number of steps must be an integer >= 1"),
-    (["--guidance", "-2"], "guidance scale must be >= 0"),
+    (["--guidance", "-2"], "guidance_scale must be >= 0"),
     (["--sampler", "nope"], "unknown sampler 'nope'; valid: ddpm, ddim, plms"),
-    (["-n", "0"], "the number of images must be >= 1"),
+    (["-n", "0"], "the number of images must be from 1 to 100,000, got 0"),
 ])
 def test_bad_flags_are_clear_errors(model, capsys, tmp_path, argv, message):
     err = cli_error(capsys, "generate", "a cat", "--model", model, *argv, "--out", tmp_path / "x.png")

@@ -14,11 +14,12 @@ from nanodiffusion.cli import main
 from nanodiffusion.data.captioned import load_captioned
 from nanodiffusion.diffusion.schedules import ScheduleConfig
 from nanodiffusion.nets.clip_text import TINY_TEXT
-from nanodiffusion.nets.sd_unet import TINY_UNET
+from nanodiffusion.nets.sd_unet import TINY_UNET, SDUNet
 from nanodiffusion.nets.vae import TINY_VAE, AutoencoderKL
 from nanodiffusion.pipelines.text_to_image import TextToImage
 from nanodiffusion.tokenizer import CLIPTokenizer
 from nanodiffusion.training.captions import all_captions, caption_tokenizer, new_text_encoder
+from nanodiffusion.training.export import load_component
 from nanodiffusion.training.latent_trainer import LatentTrainConfig, LatentTrainer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning",
@@ -150,6 +151,26 @@ def test_cli_trains_the_three_stages_into_a_text_to_image_model(tmp_path, capsys
         assert image.size == (16, 16) and image.mode == "L"
     joint = TextToImage.from_pretrained(tmp_path / "joint" / "pipeline")
     assert joint.tokenizer.model_max_length == joint.text_encoder.config.max_positions == 16
+    # --init-unet fine-tunes the frozen run's UNet (its config, no model options); at lr 1e-12 it stays that UNet
+    main(["train", "unet", *data, "--vae", str(tmp_path / "vae"), "--text-encoder", str(tmp_path / "text"),
+          "--init-unet", str(tmp_path / "frozen" / "pipeline"), "--lr", "1e-12", "--max-steps", "1",
+          "--out-dir", str(tmp_path / "tuned")])
+    start, tuned = (load_component(tmp_path / run / "pipeline", "unet").state_dict()
+                    for run in ("frozen", "tuned"))
+    assert start.keys() == tuned.keys()
+    assert all(torch.allclose(start[key], tuned[key], rtol=0, atol=1e-8) for key in start)
+
+
+def test_init_unet_sets_the_unet_and_its_ema_and_refuses_another_config(tmp_path, dataset):
+    trainer = make_trainer(tmp_path, dataset, max_steps=1)
+    torch.manual_seed(1)
+    start = SDUNet(TINY_UNET)
+    trainer.init_unet(start)
+    for module in (trainer.unet, trainer.ema.shadow):
+        assert all(torch.equal(value, start.state_dict()[key]) for key, value in module.state_dict().items())
+    from nanodiffusion.errors import UserError
+    with pytest.raises(UserError, match="another config"):
+        trainer.init_unet(SDUNet(dataclasses.replace(TINY_UNET, num_res_blocks=1)))
 
 
 def test_encoded_latents_are_cached_for_the_same_vae_and_images_only(tmp_path, dataset, monkeypatch):

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "nanodiffusion"
 # or from lower ones. Packages of one floor do not import each other.
 FLOORS = [
     {"nanodiffusion", "errors"},            # "nanodiffusion": the package's __init__
-    {"config", "atomic"},
+    {"config", "atomic", "validation"},
     {"images", "tokenizer"},
     {"nets", "diffusion", "data", "control_images"},
     {"weights"},

@@ -1,6 +1,7 @@
 """Parity with diffusers' `load_lora_weights` (PEFT backend, STYLE §8.2): the same LoRA file on the same tiny
 random SD pipeline gives the same images within 1e-4 (fp32), for kohya and PEFT files, UNet and text-encoder
-LoRAs, LoCon conv LoRAs with 3x3 kernels, two LoRAs with weights, and fuse/unfuse.
+LoRAs, LoCon conv LoRAs with 3x3 kernels, two LoRAs with weights, fuse/unfuse, and an LCM-LoRA with the LCM
+sampler against LCMScheduler.
 
 diffusers runs each LoRA beside its layer (x·W + scale·B·A·x), we fuse it into W: the images agree to float
 rounding. Each case also checks that the LoRA changes the image, so that the comparison can fail.
@@ -105,3 +106,28 @@ def test_fused_lora_scale_matches_diffusers(both, base, tmp_path):
     for pipe in both:
         pipe.fuse_lora(lora_scale=0.5)
     assert_same_changed_images(*both, base)
+
+
+def test_lcm_lora_with_the_lcm_sampler_matches_diffusers(both, tmp_path):
+    """The LCM-LoRA recipe (Luo et al. 2023): an LCM-LoRA-shaped file (attention and conv layers, PEFT keys),
+    diffusers' LCMScheduler against our `lcm` sampler, 4 steps, guidance 1 (one UNet call per step)."""
+    import diffusers
+    reference, ours = both
+    layers = lora_layers(networks(ours), unet=ATTENTION + CONV, text_encoder=(), rank=4, std=0.08)
+    path = write_peft(tmp_path / "lcm-lora-sdv1-5.safetensors", layers, alpha=8.0)
+    euler = reference.scheduler
+    reference.scheduler = diffusers.LCMScheduler.from_config({**euler.config, "timestep_spacing": "leading"})
+    try:
+        settings = dict(guidance_scale=1.0, height=32, width=32, output_type="np")
+        plain = ours("a photo of a cat", num_steps=4, sampler="lcm", seed=0, **settings).images
+        load_both(both, path, "lcm")
+        assert ours.lora.adapters["lcm"].file.is_lcm
+        assert ours.lora.lcm_hint("lcm", 4, 1.0) is None
+        assert "--sampler lcm" in ours.lora.lcm_hint("euler", 20, 7.5)
+        expected = reference("a photo of a cat", num_inference_steps=4,
+                             generator=torch.Generator().manual_seed(0), **settings).images
+        got = ours("a photo of a cat", num_steps=4, sampler="lcm", seed=0, **settings).images
+    finally:
+        reference.scheduler = euler
+    assert float(np.abs(got - expected).max()) <= TOLERANCE
+    assert float(np.abs(got - plain).max()) > 0.01

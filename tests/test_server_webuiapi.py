@@ -45,7 +45,7 @@ def test_txt2img_and_png_info(api):
     assert len(result.images) == 2 and result.image.size == (16, 16)
     assert result.info["all_seeds"] == [5, 6] and result.info["sampler_name"] == "Euler a"
     # webuiapi sends eta and the s_* options always: Euler a takes eta (and s_noise), not the churn
-    assert {"s_churn", "enable_hr", "alwayson_scripts"} <= set(result.info["ignored_fields"])
+    assert {"s_churn", "enable_hr"} <= set(result.info["ignored_fields"])
     assert "eta" not in result.info["ignored_fields"]
     info = api.png_info(result.images[1])
     assert info.info == result.info["infotexts"][1]

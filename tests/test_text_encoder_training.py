@@ -2,6 +2,8 @@
 exact resume, the exported tokenizer and text encoder as transformers reads them, the CLIP-score evaluator,
 the CLI."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -32,7 +34,8 @@ def dataset(tmp_path):
 def make_trainer(tmp_path, dataset, **changes):
     settings = dict(out_dir=str(tmp_path / "run"), batch_size=16, lr=2e-3, warmup_steps=0, epochs=3)
     tokenizer = caption_tokenizer(dataset, 600)
-    return TextEncoderTrainer(TextEncoderTrainConfig(**(settings | changes)), CLIP,
+    clip = dataclasses.replace(CLIP, image_channels=dataset.channels)
+    return TextEncoderTrainer(TextEncoderTrainConfig(**(settings | changes)), clip,
                               text_config_for(tokenizer, TINY_TEXT), dataset, tokenizer)
 
 
@@ -56,6 +59,34 @@ def test_contrastive_loss_is_clip_infonce_with_repeated_captions_as_positives():
     expected = (image_to_text + text_to_image) / 2
     torch.testing.assert_close(loss, expected)
     assert accuracy == same[labels, logits.argmax(1)].float().mean()
+
+
+def test_hard_negatives_are_extra_caption_columns_of_the_image_to_text_side_only():
+    generator = torch.Generator().manual_seed(1)
+    images = F.normalize(torch.randn(3, 8, generator=generator), dim=1)
+    texts = F.normalize(torch.randn(5, 8, generator=generator), dim=1)          # 3 captions, 2 negatives
+    scale = torch.tensor(7.0)
+    same = torch.zeros(3, 5, dtype=torch.bool)
+    same[:, :3] = torch.eye(3, dtype=torch.bool)
+    loss, _ = contrastive_loss(images, texts, scale, same)
+    logits = scale * images @ texts.T
+    labels = torch.arange(3)
+    expected = (F.cross_entropy(logits, labels) + F.cross_entropy(logits[:, :3].T, labels)) / 2
+    torch.testing.assert_close(loss, expected)
+    without, _ = contrastive_loss(images, texts[:3], scale, same[:, :3])
+    assert loss > without                                   # more competitors, higher image-to-text loss
+
+
+def test_tiny_shapes_run_with_hard_negatives_resumes_exactly(tmp_path):
+    shapes = load_captioned("shapes", image_size=16, num_shapes=48, two_object_prob=0.5)
+    changes = dict(hard_negatives=True, epochs=4)
+    full = make_trainer(tmp_path / "a", shapes, **changes).fit().losses         # 3 steps per epoch
+    make_trainer(tmp_path / "b", shapes, **changes, max_steps=5).fit()
+    resumed = make_trainer(tmp_path / "b", shapes, **changes)
+    resumed.resume(tmp_path / "b" / "run" / "last.safetensors")
+    assert resumed.fit().losses == full[5:]
+    plain = make_trainer(tmp_path / "c", shapes, epochs=4).fit().losses
+    assert full[0] > plain[0]                               # the negatives join the softmax from step one
 
 
 def test_tiny_run_learns_to_match_captions_and_exports_a_clip_scorer(tmp_path, dataset):

@@ -138,7 +138,7 @@ def test_long_prompts_and_negatives_are_padded_to_the_same_chunks(pipe):
     (dict(height=36), "height must be a positive multiple of 8"),
     (dict(width=0), "width must be a positive multiple of 8"),
     (dict(num_steps=0), "number of steps must be an integer >= 1"),
-    (dict(guidance_scale=-1.0), "guidance scale must be >= 0"),
+    (dict(guidance_scale=-1.0), "guidance_scale must be >= 0"),
     (dict(sampler="foo"), "unknown sampler 'foo'; valid: ddpm, ddim, plms"),
     (dict(prompt=[]), "non-empty list"),
     (dict(prompt=["a", "b"], negative_prompt=["c"]), "got 2 prompts but 1 negative prompts"),
@@ -240,7 +240,7 @@ def test_fp16_vae_nan_is_reported_and_retried_in_float32(pipe, monkeypatch):
     with pytest.warns(UserWarning, match="VAE overflowed"):
         images = run(nan_pipe)
     assert np.isfinite(images).all() and next(vae.parameters()).dtype == torch.float32
-    with pytest.raises(UserError, match="the UNet overflowed"):
+    with pytest.raises(UserError, match="latents became NaN or infinite"):
         nan_pipe.decode_latents(torch.full((1, 4, 16, 16), float("nan")))
 
 

@@ -91,3 +91,31 @@ def _set_rows(text_encoder: CLIPTextModel, ids: list[int], vectors: torch.Tensor
     embedding.weight = nn.Parameter(table, old.requires_grad)
     embedding.num_embeddings = rows
     text_encoder.config = replace(text_encoder.config, vocab_size=rows)
+
+
+EMBEDDING_SUFFIXES = (".pt", ".safetensors", ".bin")
+MAX_EMBEDDING_FILES = 10_000            # a folder scan stops there (--embeddings-dir / must end)
+
+
+def load_embedding_folder(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
+                          folder: str | Path) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Load every embedding under `folder` (recursively), each named by its file's stem, as A1111's
+    embeddings folder; returns A1111's `GET /sdapi/v1/embeddings` halves: (loaded, skipped), {name: {"shape":
+    width, "vectors": n, ...}}. A file that cannot apply here (another width, a name the vocabulary holds)
+    is skipped with its reason in "error": a folder may hold embeddings for other models."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"--embeddings-dir {folder} is not a folder")
+    files = sorted(path for path in folder.rglob("*") if path.suffix in EMBEDDING_SUFFIXES and path.is_file())
+    loaded, skipped = {}, {}
+    for path in files[:MAX_EMBEDDING_FILES]:
+        try:
+            vectors = read_embedding(path)[1]
+            info = {"shape": vectors.shape[1], "vectors": len(vectors), "step": None, "sd_checkpoint": None,
+                    "sd_checkpoint_name": None, "path": path.relative_to(folder).as_posix()}
+            load_textual_inversion(text_encoder, tokenizer, path, path.stem)
+            loaded[path.stem] = info
+        except UserError as error:
+            skipped[path.stem] = {"path": path.relative_to(folder).as_posix(),
+                                  "error": str(error).replace(str(path), path.name)}
+    return loaded, skipped

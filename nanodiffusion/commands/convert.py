@@ -7,6 +7,7 @@ others need --tokenizer to become a folder.
 
 from pathlib import Path
 
+from nanodiffusion.atomic import check_output_file, check_output_folder
 from nanodiffusion.errors import UserError
 from nanodiffusion.tokenizer import CLIPTokenizer
 from nanodiffusion.weights import load_sd, save_diffusers, save_single_file
@@ -35,11 +36,14 @@ def run(args) -> None:
     if args.to and args.to != layout:
         raise UserError(f"--to {args.to} disagrees with DST {dst}: a single file must end with "
                         f"{' or '.join(SINGLE_FILE_SUFFIXES)}, a diffusers folder must not")
-    if layout == "diffusers" and dst.exists() and not dst.is_dir():
-        raise UserError(f"{dst} is a file; a diffusers folder needs a folder path")
+    check_output = check_output_folder if layout == "diffusers" else check_output_file
+    check_output(dst, "DST")
     tokenizer = CLIPTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else None
     components = load_sd(args.src, dtype=args.dtype, variant=args.variant, trust_pickle=args.trust_pickle,
                          tokenizer=tokenizer)
+    check_output(dst, "DST", size=sum(tensor.numel() * tensor.element_size()
+                                      for network in components.networks().values()
+                                      for tensor in network.state_dict().values()))
     if layout == "diffusers":
         save_diffusers(components, dst)
     else:

@@ -2,10 +2,13 @@
 
 import torch
 
+from nanodiffusion.atomic import check_output_file
 from nanodiffusion.data.datasets import load_dataset
 from nanodiffusion.diffusion.schedules import SCHEDULE_DEFAULTS, ScheduleConfig
+from nanodiffusion.errors import UserError
 from nanodiffusion.images import save_png
 from nanodiffusion.pipelines.forward_figure import forward_process_figure
+from nanodiffusion.validation import check_seed
 
 
 def add_arguments(p) -> None:
@@ -21,7 +24,13 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> None:
+    if args.num_images < 1:
+        raise UserError(f"-n must be >= 1, got {args.num_images}")
+    check_seed(args.seed, name="--seed")
+    check_output_file(args.out, "--out", suffix=".png")
     dataset = load_dataset(args.dataset, image_size=args.image_size, data_dir=args.data_dir)
+    if args.num_images > len(dataset):
+        raise UserError(f"-n {args.num_images} is more than the {len(dataset)} images of {args.dataset}")
     g = torch.Generator().manual_seed(args.seed)
     idx = torch.randperm(len(dataset), generator=g)[:args.num_images]
     x0, _ = dataset.batch(idx)

@@ -5,6 +5,8 @@
 
 import argparse
 
+from nanodiffusion.validation import finite_float
+
 FLAGS = {
     "eta": "amount of fresh noise per step: ancestral and SDE samplers (default 1), DDIM's eta (0), "
            "TCD's gamma (0.3)",
@@ -18,7 +20,8 @@ FLAGS = {
 def add_sampler_option_flags(parser: argparse.ArgumentParser) -> None:
     """Add the flags; one not given stays unset (the sampler's default)."""
     for name, text in FLAGS.items():
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=float, default=argparse.SUPPRESS,
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=finite_float,
+                            default=argparse.SUPPRESS,
                             metavar=name.upper(), help=text)
 
 

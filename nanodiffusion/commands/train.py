@@ -7,6 +7,7 @@ DistributedDataParallel: gloo on the CPU, nccl with --device cuda; the results e
 
 from nanodiffusion.commands import add_commands
 from nanodiffusion.training import distributed
+from nanodiffusion.validation import resolve_device
 
 STAGES = {                  # stage -> (module in nanodiffusion.commands with `add_arguments` and `run`, help)
     "ddpm": ("train_ddpm", "a pixel-space DDPM model, from scratch"),
@@ -14,6 +15,8 @@ STAGES = {                  # stage -> (module in nanodiffusion.commands with `a
     "text-encoder": ("train_text_encoder",
                      "stage 2 of text-to-image (optional): pre-train the text encoder as a miniature CLIP"),
     "unet": ("train_unet", "stage 3 of text-to-image: the latent UNet with cross-attention"),
+    "controlnet": ("train_controlnet", "a ControlNet for a text-to-image model, on edge maps"),
+    "lora": ("train_lora", "a LoRA on a text-to-image model, from a captioned image folder"),
 }
 
 
@@ -22,6 +25,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> None:
+    resolve_device(args.device)                 # a device this machine lacks fails before any work
     distributed.init_from_env(args.device)
     try:
         args.run_stage(args)

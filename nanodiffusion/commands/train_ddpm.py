@@ -9,7 +9,10 @@ from nanodiffusion.commands.train_options import (
 )
 from nanodiffusion.data.datasets import load_dataset
 from nanodiffusion.nets.ddpm_unet import UNET_PRESETS
+from nanodiffusion.pipelines.memory import ddpm_training_bytes
+from nanodiffusion.training import distributed
 from nanodiffusion.training.ddpm_trainer import DDPMTrainer, TrainConfig
+from nanodiffusion.validation import check_fits, finite_float
 
 
 def add_arguments(p) -> None:
@@ -22,10 +25,10 @@ def add_arguments(p) -> None:
     model.add_argument("--num-res-blocks", type=int, help="override the preset's ResBlocks per level")
     model.add_argument("--attention-levels", type=int, nargs="*", help="override the levels with self-attention")
     model.add_argument("--norm-groups", type=int, help="override the preset's GroupNorm groups")
-    model.add_argument("--dropout", type=float, help="override the preset's dropout")
+    model.add_argument("--dropout", type=finite_float, help="override the preset's dropout")
     model.add_argument("--unconditional", action="store_true", help="ignore class labels")
     train = add_denoising_arguments(p, model, defaults, schedule="linear")
-    train.add_argument("--label-dropout", type=float, default=defaults.label_dropout,
+    train.add_argument("--label-dropout", type=finite_float, default=defaults.label_dropout,
                        help="probability of dropping the label (null class), for classifier-free guidance")
     train.add_argument("--channels-last", action="store_true",
                        help="channels-last memory format (faster convs, but slower GroupNorm on CPU)")
@@ -48,12 +51,19 @@ def unet_config_for(args, dataset):
 
 def run(args) -> None:
     default_size = UNET_PRESETS[args.preset].image_size if not args.dataset.endswith("mnist") else None
-    dataset = load_dataset(args.dataset, image_size=args.image_size or default_size, channels=args.channels,
+    size = args.image_size if args.image_size is not None else default_size
+    dataset = load_dataset(args.dataset, image_size=size, channels=args.channels,
                            data_dir=args.data_dir)
     config = TrainConfig(**denoising_settings(args), label_dropout=args.label_dropout,
                          channels_last=args.channels_last)
-    trainer = DDPMTrainer(config, unet_config_for(args, dataset), schedule_for(args), dataset)
-    resume_if_asked(trainer, args)
+    unet_config = unet_config_for(args, dataset)
+    batch = -(-config.batch_size // distributed.world()[1])                # per process
+    check_fits(ddpm_training_bytes(unet_config, batch), distributed.process_device(config.device),
+               f"training on batches of {batch} images of {unet_config.image_size}x{unet_config.image_size}",
+               "lower --batch-size or --image-size")
+    trainer = DDPMTrainer(config, unet_config, schedule_for(args), dataset)
+    if resume_if_asked(trainer, args):
+        return
     params = sum(p.numel() for p in trainer.model.parameters())
     say(f"training {params / 1e6:.2f}M parameters on {len(dataset)} images; checkpoints in {args.out_dir}")
     state = trainer.fit()

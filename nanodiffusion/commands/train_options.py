@@ -12,6 +12,7 @@ from nanodiffusion.training import distributed
 from nanodiffusion.training.captions import SMALL_TEXT
 from nanodiffusion.training.denoising import DenoisingConfig
 from nanodiffusion.training.run_state import LR_SCHEDULES, LoopConfig
+from nanodiffusion.validation import finite_float
 
 
 def add_data_arguments(p, *, datasets: str, image_size: int | None) -> None:
@@ -23,6 +24,11 @@ def add_data_arguments(p, *, datasets: str, image_size: int | None) -> None:
     size_help = "train at this size" + (" (default: the dataset's / preset's)" if image_size is None else "")
     data.add_argument("--image-size", type=int, default=image_size, help=size_help)
     data.add_argument("--channels", type=int, choices=(1, 3), help="1 (grayscale) or 3 (RGB)")
+    data.add_argument("--num-shapes", type=int, default=60_000, help="coloured-shapes scenes (with shapes)")
+    data.add_argument("--two-object-prob", type=finite_float, default=0.3,
+                      help="fraction of the shapes scenes with two objects and a relation")
+    data.add_argument("--num-class-images", type=int,
+                      help="the first N training images of each of mnist/fashion-mnist (default: all)")
 
 
 def add_loop_arguments(p, defaults: LoopConfig):
@@ -34,8 +40,9 @@ def add_loop_arguments(p, defaults: LoopConfig):
     train.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     train.add_argument("--batch-size", type=int, default=defaults.batch_size,
                        help="global batch size (split over the processes under torchrun)")
-    train.add_argument("--lr", type=float, default=defaults.lr, help="AdamW learning rate")
-    train.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW weight decay")
+    train.add_argument("--lr", type=finite_float, default=defaults.lr, help="AdamW learning rate")
+    train.add_argument("--weight-decay", type=finite_float, default=defaults.weight_decay,
+                       help="AdamW weight decay")
     train.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps,
                        help="linear learning-rate warm-up steps")
     train.add_argument("--lr-schedule", default=defaults.lr_schedule, choices=LR_SCHEDULES,
@@ -67,8 +74,9 @@ def add_denoising_arguments(p, model, defaults: DenoisingConfig, schedule: str):
     model.add_argument("--timesteps", type=int, default=1000, help="number of diffusion steps T")
     model.add_argument("--prediction", default=defaults.prediction, choices=PREDICTION_TYPES,
                        help="what the UNet predicts")
-    train.add_argument("--ema-decay", type=float, default=defaults.ema_decay)
-    train.add_argument("--min-snr-gamma", type=float, help="min-SNR loss weighting (e.g. 5); off by default")
+    train.add_argument("--ema-decay", type=finite_float, default=defaults.ema_decay)
+    train.add_argument("--min-snr-gamma", type=finite_float,
+                       help="min-SNR loss weighting (e.g. 5); off by default")
     return train
 
 
@@ -105,7 +113,8 @@ def load_captioned_data(args):
     """The captioned data set named by --dataset, at --image-size and --channels."""
     from nanodiffusion.data.captioned import load_captioned
     return load_captioned(args.dataset, image_size=args.image_size, channels=args.channels,
-                          data_dir=args.data_dir, seed=args.seed)
+                          data_dir=args.data_dir, seed=args.seed, num_shapes=args.num_shapes,
+                          two_object_prob=args.two_object_prob, num_class_images=args.num_class_images)
 
 
 def say(message: str) -> None:
@@ -114,12 +123,20 @@ def say(message: str) -> None:
         print(message)
 
 
-def resume_if_asked(trainer, args) -> None:
-    """Resume `trainer` from --resume (OUT_DIR/last.safetensors when given without a path)."""
+def resume_if_asked(trainer, args) -> bool:
+    """Resume `trainer` from --resume (OUT_DIR/last.safetensors when given without a path); True when that
+    run is already finished (said, and then nothing is to be changed)."""
     if not args.resume:
-        return
+        return False
     path = Path(args.out_dir) / "last.safetensors" if args.resume == "auto" else Path(args.resume)
     if not path.is_file():
         raise UserError(f"nothing to resume: {path} does not exist")
     trainer.resume(path)
-    say(f"resumed from {path} at epoch {trainer.state.epoch}, step {trainer.state.step}")
+    state, limit = trainer.state, (f"--max-steps {args.max_steps}" if args.max_steps else
+                                   f"--epochs {args.epochs}")
+    if trainer.run.finished:
+        say(f"{path} is a finished run (epoch {state.epoch}, step {state.step}; {limit}): nothing to do, "
+            "nothing changed; raise --epochs or --max-steps to train further")
+        return True
+    say(f"resumed from {path} at epoch {state.epoch}, step {state.step}")
+    return False

@@ -21,7 +21,9 @@ def add_arguments(p) -> None:
     image.add_argument("--image-widths", type=int, nargs="+", default=list(defaults.image_widths),
                        help="conv widths; each step to the next halves the side")
     image.add_argument("--embed-dim", type=int, default=defaults.embed_dim, help="joint embedding width")
-    add_loop_arguments(p, TextEncoderTrainConfig())
+    train = add_loop_arguments(p, TextEncoderTrainConfig())
+    train.add_argument("--hard-negatives", action="store_true",
+                       help="also contrast each shapes caption with edits of it: objects or relation swapped")
 
 
 def run(args) -> None:
@@ -29,9 +31,11 @@ def run(args) -> None:
     tokenizer = caption_tokenizer(dataset, args.vocab_size, args.max_tokens)
     clip_config = MiniCLIPConfig(image_channels=dataset.channels, image_size=dataset.image_size,
                                  image_widths=tuple(args.image_widths), embed_dim=args.embed_dim)
-    trainer = TextEncoderTrainer(TextEncoderTrainConfig(**loop_settings(args)), clip_config,
+    config = TextEncoderTrainConfig(**loop_settings(args), hard_negatives=args.hard_negatives)
+    trainer = TextEncoderTrainer(config, clip_config,
                                  text_config_for(tokenizer, text_base_config(args)), dataset, tokenizer)
-    resume_if_asked(trainer, args)
+    if resume_if_asked(trainer, args):
+        return
     params = sum(p.numel() for p in trainer.model.text_encoder.parameters())
     say(f"training a {params / 1e6:.2f}M-parameter text encoder ({tokenizer.vocab_size} tokens) with its "
         f"image encoder on {len(dataset)} captioned images; checkpoints in {args.out_dir}")

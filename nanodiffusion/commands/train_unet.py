@@ -16,6 +16,8 @@ from nanodiffusion.training.export import load_component, load_tokenizer
 from nanodiffusion.training.latent_trainer import (
     PIPELINE_FOLDER, SMALL_UNET, LatentTrainConfig, LatentTrainer,
 )
+from nanodiffusion.validation import finite_float
+from nanodiffusion.weights.models import BUILTIN_TEXT_TO_IMAGE
 
 
 def add_arguments(p) -> None:
@@ -29,6 +31,9 @@ def add_arguments(p) -> None:
                        "diffusers folder), frozen; without it a new one is trained with the UNet")
     parts.add_argument("--train-text-encoder", action="store_true",
                        help="also train the --text-encoder given (with the UNet's optimizer and EMA)")
+    parts.add_argument("--init-unet",
+                       help="fine-tune: start from this UNet (a diffusers folder, its unet/ folder, or "
+                       "`builtin`); its config then replaces the model options below")
     add_text_arguments(p)
     model = p.add_argument_group("model")
     model.add_argument("--model-channels", type=int, default=SMALL_UNET.model_channels)
@@ -38,13 +43,13 @@ def add_arguments(p) -> None:
     model.add_argument("--num-heads", type=int, default=SMALL_UNET.num_heads)
     model.add_argument("--num-res-blocks", type=int, default=SMALL_UNET.num_res_blocks)
     train = add_denoising_arguments(p, model, defaults, schedule="scaled_linear")
-    train.add_argument("--caption-dropout", type=float, default=defaults.caption_dropout,
+    train.add_argument("--caption-dropout", type=finite_float, default=defaults.caption_dropout,
                        help="probability of training on the empty caption, for classifier-free guidance")
     train.add_argument("--sample-posterior", action="store_true",
                        help="train on a fresh z ~ q(z|x) at each visit instead of the posterior mean")
     train.add_argument("--sample-prompt", action="append", default=[],
                        help="a prompt of the sample grids (repeat; default: the first captions)")
-    train.add_argument("--sample-guidance", type=float, default=defaults.sample_guidance_scale,
+    train.add_argument("--sample-guidance", type=finite_float, default=defaults.sample_guidance_scale,
                        help="guidance scale of the sample grids")
 
 
@@ -69,8 +74,14 @@ def run(args) -> None:
         attention_levels=tuple(args.attention_levels), num_heads=args.num_heads,
         num_res_blocks=args.num_res_blocks, context_dim=text_encoder.config.hidden_size,
         sample_size=latent_side)
+    if args.init_unet:
+        init = load_component(BUILTIN_TEXT_TO_IMAGE.get(args.init_unet, args.init_unet), "unet")
+        unet_config = init.config
     trainer = LatentTrainer(config, unet_config, schedule_for(args), dataset, vae, text_encoder, tokenizer)
-    resume_if_asked(trainer, args)
+    if args.init_unet:
+        trainer.init_unet(init)
+    if resume_if_asked(trainer, args):
+        return
     params = sum(p.numel() for p in trainer.unet.parameters())
     text = "trained with it" if config.train_text_encoder else "frozen"
     say(f"training a {params / 1e6:.2f}M-parameter UNet (text encoder {text}) on {len(dataset)} captioned "

@@ -10,6 +10,7 @@ from nanodiffusion.commands.train_options import (
     add_data_arguments, add_loop_arguments, load_captioned_data, loop_settings, resume_if_asked, say,
 )
 from nanodiffusion.training.vae_trainer import SMALL_VAE, VAETrainConfig, VAETrainer
+from nanodiffusion.validation import finite_float
 
 
 def add_arguments(p) -> None:
@@ -22,9 +23,9 @@ def add_arguments(p) -> None:
     model.add_argument("--norm-groups", type=int, default=SMALL_VAE.norm_groups)
     defaults = VAETrainConfig()
     train = add_loop_arguments(p, defaults)
-    train.add_argument("--recon-std", type=float, default=defaults.recon_std,
+    train.add_argument("--recon-std", type=finite_float, default=defaults.recon_std,
                        help="std σ of the Gaussian decoder in [-1, 1] pixel units (squared error / 2σ²)")
-    train.add_argument("--kl-weight", type=float, default=defaults.kl_weight,
+    train.add_argument("--kl-weight", type=finite_float, default=defaults.kl_weight,
                        help="β on the KL term (1: the ELBO)")
     train.add_argument("--scale-images", type=int, default=defaults.scale_images,
                        help="images encoded to measure the latent scaling factor")
@@ -39,7 +40,8 @@ def run(args) -> None:
         block_channels=tuple(args.block_channels), layers_per_block=args.layers_per_block,
         latent_channels=args.latent_channels, norm_groups=args.norm_groups, sample_size=dataset.image_size)
     trainer = VAETrainer(config, vae_config, dataset)
-    resume_if_asked(trainer, args)
+    if resume_if_asked(trainer, args):
+        return
     params = sum(p.numel() for p in trainer.vae.parameters())
     say(f"training a {params / 1e6:.2f}M-parameter VAE on {len(dataset)} images; "
         f"checkpoints in {args.out_dir}")

@@ -1,12 +1,11 @@
 """Captioned image data sets for text-to-image training: MNIST-family with label captions, coloured shapes,
 captioned image folders, and mixes of them ("fashion-mnist+mnist+shapes"), all held in memory as uint8.
 
-Each item has a tuple of captions to draw from (one for folders and shapes, every wording of its class for
-MNIST-family); `batch(indices, generator)` draws one per item from the generator, so a training run that
-saves and restores its generator replays the same captions.
+Each item has a tuple of captions to draw from (one for folders, every wording of its class for MNIST-family
+or of its scene for shapes); `batch(indices, generator)` draws one per item from the generator, so a training
+run that saves and restores its generator replays the same captions.
 """
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +15,13 @@ from tqdm import tqdm
 
 from nanodiffusion.data.captions import class_prompts
 from nanodiffusion.data.datasets import UInt8Images, load_dataset
-from nanodiffusion.data.folder import list_images, read_image_folder
+from nanodiffusion.data.folder import check_images_fit, list_images, read_image_folder
 from nanodiffusion.data.mnist import MNIST_FAMILY
 from nanodiffusion.data.shapes import ShapesDataset
+from nanodiffusion.data.shapes_captions import caption_choices
 from nanodiffusion.errors import UserError
 from nanodiffusion.images import uint8_to_float
+from nanodiffusion.validation import json_object
 
 SHAPES = "shapes"
 SHAPES_DEFAULT_SIZE = 32            # shapes have no size of their own: this one when nothing else sets it
@@ -62,10 +63,12 @@ class CaptionedDataset(UInt8Images):
 
 
 def load_captioned(name_or_path: str, *, image_size: int | None = None, channels: int | None = None,
-                   data_dir: str | None = None, seed: int = 0, num_shapes: int = 60_000) -> CaptionedDataset:
-    """Load "mnist", "fashion-mnist", "shapes" (`num_shapes` scenes drawn from `seed`), a captioned image
-    folder, or a mix joined by "+", at one size and channel count (grayscale parts become RGB beside RGB
-    ones).
+                   data_dir: str | None = None, seed: int = 0, num_shapes: int = 60_000,
+                   two_object_prob: float = 0.3, num_class_images: int | None = None) -> CaptionedDataset:
+    """Load "mnist", "fashion-mnist", "shapes" (`num_shapes` scenes drawn from `seed`, `two_object_prob` of
+    them with two objects), a captioned image folder, or a mix joined by "+", at one size and channel count
+    (grayscale parts become RGB beside RGB ones). `num_class_images` keeps the first N of each MNIST-family
+    part.
 
     `image_size` None keeps the parts' own size (28 for MNIST-family, 32 for shapes alone); `channels`
     None is 3 if any part is in colour, else 1. `data_dir` is where MNIST-family files are looked up.
@@ -80,14 +83,17 @@ def load_captioned(name_or_path: str, *, image_size: int | None = None, channels
                         "pass an image folder itself as the data set")
     if SHAPES in names and channels == 1:
         raise UserError("the shapes data set is in colour (its captions name colours): use channels=3")
-    parts = {name: _load_part(name, image_size, channels, data_dir) for name in names if name != SHAPES}
+    if num_class_images is not None and num_class_images < 1:
+        raise UserError(f"num_class_images must be positive, got {num_class_images}")
+    parts = {name: _load_part(name, image_size, channels, data_dir, num_class_images)
+             for name in names if name != SHAPES}
     sizes = {name: part.images.shape[2:] for name, part in parts.items()}
     if len(set(sizes.values())) > 1:
         listed = ", ".join(f"{name} {tuple(size)}" for name, size in sizes.items())
         raise UserError(f"the data sets differ in image size ({listed}): pass an image size")
     if SHAPES in names:
         size = image_size or (next(iter(sizes.values()))[0] if sizes else SHAPES_DEFAULT_SIZE)
-        parts[SHAPES] = shapes_captioned(num_shapes, size, seed)
+        parts[SHAPES] = shapes_captioned(num_shapes, size, seed, two_object_prob)
     return concat_captioned([parts[name] for name in names])
 
 
@@ -105,22 +111,27 @@ def concat_captioned(datasets: list[CaptionedDataset]) -> CaptionedDataset:
 
 
 def mnist_captioned(name: str, image_size: int | None = None, channels: int | None = None,
-                    data_dir: str | None = None) -> CaptionedDataset:
-    """MNIST or Fashion-MNIST (train split), each image captioned by every wording of its class."""
+                    data_dir: str | None = None, num_items: int | None = None) -> CaptionedDataset:
+    """MNIST or Fashion-MNIST (the train split, or its first `num_items`), each image captioned by every
+    wording of its class."""
     data = load_dataset(name, image_size=image_size, channels=channels, data_dir=data_dir)
+    images, labels = data.images[:num_items], data.labels[:num_items]
     prompts = [class_prompts(name, label) for label in range(len(data.class_names))]
-    choices = tuple(prompts[label] for label in data.labels.tolist())
-    return CaptionedDataset(data.images, choices, ((name, len(data)),))
+    choices = tuple(prompts[label] for label in labels.tolist())
+    return CaptionedDataset(images, choices, ((name, len(images)),))
 
 
-def shapes_captioned(num_items: int, image_size: int, seed: int = 0) -> CaptionedDataset:
-    """The first `num_items` scenes of `ShapesDataset(image_size, seed)`, rendered (0.2 ms each at 32x32)."""
-    shapes = ShapesDataset(image_size, seed=seed, num_items=num_items)
+def shapes_captioned(num_items: int, image_size: int, seed: int = 0,
+                     two_object_prob: float = 0.3) -> CaptionedDataset:
+    """The first `num_items` scenes of `ShapesDataset(image_size, seed, two_object_prob=...)`, rendered
+    (0.2 ms each at 32x32), each captioned by every wording of `shapes_captions.caption_choices`."""
+    check_images_fit(num_items, 3, image_size, working=0)
+    shapes = ShapesDataset(image_size, seed=seed, num_items=num_items, two_object_prob=two_object_prob)
     images = torch.empty((num_items, 3, image_size, image_size), dtype=torch.uint8)
     choices = []
     for i in tqdm(range(num_items), desc="drawing shapes", unit="image", disable=num_items < 10_000):
-        images[i], caption, _ = shapes[i]
-        choices.append((caption,))
+        images[i], _, attributes = shapes[i]
+        choices.append(caption_choices(attributes))
     return CaptionedDataset(images, tuple(choices), ((SHAPES, num_items),))
 
 
@@ -160,12 +171,7 @@ def read_metadata(path: Path) -> dict[Path, str]:
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise UserError(f"{path} line {number} is not valid JSON ({error.msg}): {line[:80]!r}") from None
-        if not isinstance(entry, dict):
-            raise UserError(f"{path} line {number}: expected a JSON object, got {line[:80]!r}")
+        entry = json_object(line, f"{path} line {number}")
         for column in ("file_name", "text"):
             if column not in entry:
                 raise UserError(f"{path} line {number} has no {column!r} column (it has: "
@@ -209,7 +215,7 @@ def _split_names(name_or_path: str) -> list[str]:
 
 
 def _load_part(name: str, image_size: int | None, channels: int | None,
-               data_dir: str | None) -> CaptionedDataset:
+               data_dir: str | None, num_class_images: int | None) -> CaptionedDataset:
     if name in MNIST_FAMILY:
-        return mnist_captioned(name, image_size, channels, data_dir)
+        return mnist_captioned(name, image_size, channels, data_dir, num_class_images)
     return folder_captioned(name, image_size, channels)

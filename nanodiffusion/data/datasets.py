@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from nanodiffusion.data.folder import read_image_folder
+from nanodiffusion.data.folder import check_images_fit, read_image_folder
 from nanodiffusion.data.mnist import MNIST_FAMILY, read_mnist
 from nanodiffusion.errors import UserError
 from nanodiffusion.images import uint8_to_float
@@ -86,6 +86,7 @@ def load_dataset(name_or_path: str, *, image_size: int | None = None, channels: 
     if name_or_path in MNIST_FAMILY:
         images, labels = read_mnist(name_or_path, split, data_dir)
         if image_size is not None and image_size != images.shape[-1]:
+            check_images_fit(len(images), channels or 1, image_size, working=min(len(images), RESIZE_CHUNK))
             images = resize_uint8(images, image_size)
         if channels == 3:
             images = images.repeat(1, 3, 1, 1)      # a real copy: in-place edits stay per channel

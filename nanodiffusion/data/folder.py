@@ -9,9 +9,18 @@ from tqdm import tqdm
 
 from nanodiffusion.errors import UserError
 from nanodiffusion.images import pil_to_uint8
+from nanodiffusion.validation import check_fits
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+
+
+def check_images_fit(count: int, channels: int, size: int, working: int) -> None:
+    """Refuse an image size whose `count` uint8 images (plus `working` of them as float32 while they are
+    resized) would not fit in memory, before any is resized."""
+    needed = (count + 5 * working) * channels * size * size
+    check_fits(needed, torch.device("cpu"), f"loading {count} images at {size}x{size}",
+               "ask for a smaller --image-size")
 
 
 def list_images(root: str | os.PathLike) -> list[Path]:
@@ -40,6 +49,8 @@ def read_image_folder(root: str | os.PathLike, image_size: int | None = None, ch
     labels, class_names = _folder_labels(root, paths)
     if channels is None:
         channels = 1 if all(_mode(path) in GRAY_MODES for path in paths) else 3
+    if image_size is not None:
+        check_images_fit(len(paths), channels, image_size, working=1)
     images = []
     for path in tqdm(paths, desc=f"loading {root.name}", unit="image", disable=len(paths) < 1000):
         try:

@@ -33,6 +33,14 @@ POSITION_PHRASES = {                # the grid cell as said in a caption
     "bottom left": "in the bottom left", "bottom": "at the bottom", "bottom right": "in the bottom right",
 }
 RELATIONS = ("left of", "right of", "above", "below")
+RELATION_SYNONYMS = {               # every way a caption may say each relation, the canonical one first
+    "left of": ("left of", "to the left of"),
+    "right of": ("right of", "to the right of"),
+    "above": ("above", "over"),
+    "below": ("below", "under", "beneath"),
+}
+SIZE_SYNONYMS = {"small": "little", "large": "big"}
+SYNONYM_MEANINGS = {"little": "small", "big": "large", "upper": "top", "lower": "bottom"}   # for parsing
 SUPERSAMPLE = 4                     # coverage samples per pixel along each axis
 
 
@@ -135,15 +143,25 @@ def describe(attributes: dict) -> str:
 
 def parse_shapes_caption(caption: str) -> dict:
     """The attributes a caption states: {"objects": [{"color", "shape", "size", "position"}], "relation"};
-    what it leaves out is None. Accepts what `describe` writes, with or without size and position."""
+    what it leaves out is None. Accepts what `describe` writes, with or without size and position, and the
+    synonyms of `shapes_captions.caption_choices`."""
     words = caption.lower().replace(",", " ").split()
     text = " ".join(words)
-    relation = next((r for r in RELATIONS if f" {r} " in f" {text} "), None)
-    parts = text.split(f" {relation} ") if relation else [text]
+    found = relation_phrase(text)
+    relation, parts = (found[0], text.split(f" {found[1]} ")) if found else (None, [text])
     objects = [_parse_object(part.split(), caption) for part in parts]
     if relation and any(obj["position"] for obj in objects):
         raise UserError(f"a caption with a relation gives no grid positions: {caption!r}")
     return {"objects": objects, "relation": relation}
+
+
+def relation_phrase(caption: str) -> tuple[str, str] | None:
+    """(relation, the phrase that says it) in a caption, the longest phrase found ("to the left of" over
+    "left of"); None when it states no relation."""
+    text = f" {caption} "
+    found = [(relation, phrase) for relation, phrases in RELATION_SYNONYMS.items() for phrase in phrases
+             if f" {phrase} " in text]
+    return max(found, key=lambda item: len(item[1])) if found else None
 
 
 def _parse_object(words: list[str], caption: str) -> dict:
@@ -153,6 +171,7 @@ def _parse_object(words: list[str], caption: str) -> dict:
             raise UserError(f"{'/'.join(found)} in one object of the caption {caption!r}")
         return found[0] if found else None
 
+    words = [SYNONYM_MEANINGS.get(word, word) for word in words]
     color, shape, size = pick(COLORS), pick(SHAPES), pick(SIZES)
     if color is None or shape is None:
         raise UserError(f"a shapes caption names a colour ({', '.join(COLORS)}) and a shape "

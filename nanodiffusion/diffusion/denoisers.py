@@ -121,6 +121,9 @@ def lcm_boundary_condition(model: Callable, alphas_cumprod: torch.Tensor, timest
 
 # A grid sigma cast to float32 (or to a half type in a sampler) is still found as its own step.
 _SIGMA_RTOL = 1e-3
+# A1111's ControlNet extension: "Balanced", "My prompt is more important", "ControlNet is more important".
+CONTROL_MODES = ("balanced", "prompt", "controlnet")
+SOFT_INJECTION_BASE = 0.825         # the extension's per-level decay: 0.825^12 < 0.01 for SD's 13 residuals
 
 
 @dataclass(frozen=True, eq=False)
@@ -136,14 +139,27 @@ class ControlUnit:
     #                                 k of n (the middle last) scaled by 10^(k/n - 1), from 0.1 to 1
     pooled: bool = False            # the ControlNet averages its residuals (global_pool): diffusers keeps
     #                                 them off the unconditional rows, without the guess-mode scales
+    control_mode: str = "balanced"  # A1111's: "prompt" ("My prompt is more important") scales residual k
+    #                                 of n by 0.825^(n-1-k); "controlnet" also keeps them off the
+    #                                 unconditional rows
 
     def __post_init__(self):
         if not 0.0 <= self.start < self.end <= 1.0:
             raise UserError(f"control guidance start and end must satisfy 0 <= start < end <= 1, "
                             f"got start={self.start} and end={self.end}")
+        if self.control_mode not in CONTROL_MODES:
+            raise UserError(f"unknown control mode {self.control_mode!r}; valid: {', '.join(CONTROL_MODES)}")
+        if self.guess_mode and self.control_mode != "balanced":
+            raise UserError("guess mode (diffusers') and an A1111 control mode other than balanced exclude "
+                            "each other: choose one")
         if self.image.ndim != 4:
             raise UserError(f"a control image must be a (B, C, H, W) tensor, "
                             f"got shape {tuple(self.image.shape)}")
+
+    @property
+    def conditional_only(self) -> bool:
+        """Whether the unconditional rows of classifier-free guidance get no residuals."""
+        return self.guess_mode or self.pooled or self.control_mode == "controlnet"
 
 
 def active_steps(num_steps: int, start: float, end: float) -> list[bool]:
@@ -156,6 +172,21 @@ def guess_mode_scales(count: int) -> torch.Tensor:
     """(count,) factors 10^(k/(count-1) - 1), 0.1 for the first skip connection up to 1 for the middle block
     (diffusers' guess mode: the deeper the residual, the more it is trusted without a prompt)."""
     return torch.logspace(-1, 0, count, dtype=torch.float64)
+
+
+def soft_injection_scales(count: int) -> torch.Tensor:
+    """(count,) factors 0.825^(count-1-k), 1 for the middle block (A1111's "soft injection", used by its
+    control modes other than balanced)."""
+    return SOFT_INJECTION_BASE ** torch.arange(count - 1, -1, -1, dtype=torch.float64)
+
+
+def level_scales(unit: ControlUnit, count: int) -> torch.Tensor | None:
+    """The unit's factor on each of its `count` residuals (None: all 1)."""
+    if unit.guess_mode and not unit.pooled:
+        return guess_mode_scales(count)
+    if unit.control_mode != "balanced":
+        return soft_injection_scales(count)
+    return None
 
 
 def step_index(sigma: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
@@ -171,11 +202,11 @@ def step_index(sigma: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
 def control_denoiser(denoiser: Callable, units: Sequence[ControlUnit], sigmas: torch.Tensor) -> Callable:
     """D(x, sigma, conditional=None, **cond) calling `denoiser(x, sigma, control_weights=W, **cond)`, where
     W (B, units) is each unit's scale on the steps it is active, else 0, and 0 on the unconditional rows
-    (`conditional` == 0) for units in guess mode or pooled. `sigmas` is the grid the sampler runs."""
+    (`conditional` == 0) for units with `conditional_only`. `sigmas` is the grid the sampler runs."""
     num_steps = len(sigmas) - 1
     table = torch.tensor([[unit.scale * active for active in active_steps(num_steps, unit.start, unit.end)]
                           for unit in units], dtype=torch.float64).reshape(len(units), num_steps)
-    conditional_only = torch.tensor([unit.guess_mode or unit.pooled for unit in units], dtype=torch.bool)
+    conditional_only = torch.tensor([unit.conditional_only for unit in units], dtype=torch.bool)
 
     def denoise(x: torch.Tensor, sigma, conditional: torch.Tensor | None = None, **cond) -> torch.Tensor:
         sigma_rows = torch.as_tensor(sigma).reshape(-1).expand(x.shape[0])
@@ -229,8 +260,9 @@ def unit_residuals(unit: ControlUnit, weights: torch.Tensor, x: torch.Tensor, t:
     down, mid = unit.controlnet(x, t, context, image)
     residuals = [*down, mid]
     factors = weights[rows].to(torch.float64)[:, None]                          # (rows, 1)
-    if unit.guess_mode and not unit.pooled:
-        factors = factors * guess_mode_scales(len(residuals))[None, :]           # (rows, residuals)
+    levels = level_scales(unit, len(residuals))
+    if levels is not None:
+        factors = factors * levels[None, :]                                     # (rows, residuals)
     factors = factors.expand(-1, len(residuals)).to(device=mid.device, dtype=mid.dtype)   # one transfer
     scaled = [r * factors[:, k].reshape(-1, 1, 1, 1) for k, r in enumerate(residuals)]
     if every_row:

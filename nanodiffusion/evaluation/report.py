@@ -1,7 +1,7 @@
 """Plain-text tables of the results of `evaluate_ddpm` and `sweep_ddpm`, and of the text-to-image
 evaluations (`evaluation.text_to_image_eval`)."""
 
-from nanodiffusion.evaluation.text_to_image_eval import headline
+from nanodiffusion.evaluation.text_to_image_eval import SHAPE_SETS, headline
 
 DISTANCE_NAME = "Fréchet distance (classifier features)"
 
@@ -87,32 +87,37 @@ def _top_confusions(result: dict, names: list[str], count: int = 3) -> str:
 
 def format_text_to_image(result: dict) -> str:
     """One row per prompt set: adherence (class agreement, or shapes prompts with every check passed), the
-    same for real images where there are, and the Fréchet distance; then the shapes checks one by one."""
+    same for real images where there are, the Fréchet distance and the diversity ratio; then the shapes checks
+    one by one."""
     settings, results = result["settings"], result["results"]
     title = (f"text-to-image: {settings['sampler']}, {settings['num_steps']} steps, guidance "
              f"{settings['guidance_scale']:g}, seed {settings['seed']}")
     rows = []
     for name, value in results.items():
-        if name == "shapes":
-            rows.append([f"shapes ({value['num_images']} prompts)", percent(value["all"]), "-", "-", "-"])
+        if name in SHAPE_SETS:
+            rows.append([f"{name} ({value['num_images']} prompts)", percent(value["all"]), *"----"])
         else:
             real = value["real"]
             rows.append([f"{name} ({value['num_images']} images)", percent(value["class_agreement"]),
                          percent(real["class_agreement"]), number(value["frechet_distance"]),
-                         number(real["frechet_distance"])])
-    parts = [title, "", format_table(["prompts", "adherence", "real images", "Fréchet distance", "real"], rows)]
-    if "shapes" in results:
-        checks = results["shapes"]
-        names = [key for key in ("color", "shape", "size", "position", "relation", "count") if key in checks]
-        parts += ["", "shapes prompts, checks passed:",
-                  format_table(names, [[percent(checks[key]) for key in names]])]
+                         number(real["frechet_distance"]), number(value["diversity_ratio"])])
+    header = ["prompts", "adherence", "real images", "Fréchet distance", "real", "diversity ratio"]
+    parts = [title, "", format_table(header, rows)]
+    shapes = {name: value for name, value in results.items() if name in SHAPE_SETS}
+    if shapes:
+        names = ["color", "shape", "size", "position", "relation", "count", "all"]
+        checks = [[name, *(percent(value[key]) for key in names)] for name, value in shapes.items()]
+        parts += ["", "shapes checks passed:", format_table(["prompts", *names], checks)]
     for name, value in results.items():
-        if name != "shapes" and "confusion_matrix" in value:
-            parts += ["", f"{name}: most frequent confusions (asked -> classified): "
-                          + _top_confusions(value, list(value["per_class_agreement"]))]
-    parts += ["", "Adherence: images the project's classifier assigns to the prompt's class (real images: test "
-                  "images at the model's size, judged alike); shapes: prompts with every stated colour, shape, "
-                  "size, position and relation found."]
+        if name not in SHAPE_SETS and "confusion_matrix" in value:
+            classes = value["per_class_agreement"]
+            worst = min(classes, key=classes.get)
+            parts += ["", f"{name}: worst class {worst} ({percent(classes[worst])}); most frequent "
+                          f"confusions (asked -> classified): {_top_confusions(value, list(classes))}"]
+    parts += ["", "Adherence: images the project's classifier assigns to the prompt's class (real images: "
+                  "test images at the model's size, judged alike); shapes: prompts with every stated colour, "
+                  "shape, size, position and relation found. Diversity ratio: mean pairwise feature distance "
+                  "within a class over the real data's."]
     return "\n".join(parts)
 
 

@@ -6,7 +6,8 @@
   "real" holds the same metrics for as many real test images sent through the same size round trip (the
   score of a perfect model).
 - Coloured-shapes prompts ("a small red circle in the top left", "a blue square left of a green triangle"):
-  each image is checked exactly for colour, shape, size, position and relation (`shapes_check`).
+  each image is checked exactly for colour, shape, size, position and relation (`shapes_check`). "shapes"
+  draws scenes as the training data does (30 % with two objects), "relations" two-object scenes only.
 
 `sweep_text_to_image` repeats this for each sampler x step count on the same seeds (DDIM's Table 1 layout).
 """
@@ -26,8 +27,10 @@ from nanodiffusion.evaluation.evaluate import evaluate_images, real_sample, refe
 from nanodiffusion.evaluation.shapes_check import shapes_adherence
 from nanodiffusion.images import float_to_uint8, uint8_to_float
 
-PROMPT_SETS = (*CAPTIONED_CLASSES, "shapes")
+SHAPE_SETS = {"shapes": 0.3, "relations": 1.0}    # prompt set -> fraction of scenes with two objects
+PROMPT_SETS = (*CAPTIONED_CLASSES, *SHAPE_SETS)
 SHAPES_SEED = 1234                  # the shapes prompts are drawn from this seed: not the training scenes' 0
+RELATIONS_SEED = 1235               # and the two-object prompts from this one
 
 
 def class_prompt_list(dataset_name: str, images_per_class: int) -> tuple[list[str], torch.Tensor]:
@@ -37,9 +40,9 @@ def class_prompt_list(dataset_name: str, images_per_class: int) -> tuple[list[st
     return [class_prompt(dataset_name, int(label)) for label in labels], labels
 
 
-def shapes_prompt_list(num_prompts: int, seed: int = SHAPES_SEED) -> list[str]:
+def shapes_prompt_list(num_prompts: int, seed: int = SHAPES_SEED, two_object_prob: float = 0.3) -> list[str]:
     """Captions of random shapes scenes (one or two objects, every attribute), drawn from `seed`."""
-    scenes = ShapesDataset(32, seed=seed, num_items=num_prompts)
+    scenes = ShapesDataset(32, seed=seed, num_items=num_prompts, two_object_prob=two_object_prob)
     return [describe(scenes.attributes(i)) for i in range(num_prompts)]
 
 
@@ -93,10 +96,15 @@ def evaluate_class_prompts(pipe, dataset_name: str, images_per_class: int = 50, 
             "real": _real_round_trip(classifier, reference, test_set, labels, images.shape, seed)}
 
 
-def evaluate_shapes_prompts(pipe, num_prompts: int = 200, *, sampler: str, num_steps: int,
-                            guidance_scale: float, seed: int = 0, batch_size: int = 100) -> dict:
-    """Rates of the colour, shape, size, position, relation and count checks on random shapes prompts."""
-    prompts = shapes_prompt_list(num_prompts)
+def evaluate_shapes_prompts(pipe, num_prompts: int = 300, *, sampler: str, num_steps: int,
+                            guidance_scale: float, seed: int = 0, batch_size: int = 100,
+                            prompt_set: str = "shapes") -> dict:
+    """Rates of the colour, shape, size, position, relation and count checks on random shapes prompts of
+    `prompt_set` ("shapes" or "relations": two-object prompts only)."""
+    if prompt_set not in SHAPE_SETS:
+        raise UserError(f"unknown shapes prompt set {prompt_set!r}; valid: {', '.join(SHAPE_SETS)}")
+    prompt_seed = SHAPES_SEED if prompt_set == "shapes" else RELATIONS_SEED
+    prompts = shapes_prompt_list(num_prompts, prompt_seed, SHAPE_SETS[prompt_set])
     images = generate_images(pipe, prompts, sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale,
                              seed=seed, batch_size=batch_size)
     if images.shape[1] != 3:
@@ -104,10 +112,12 @@ def evaluate_shapes_prompts(pipe, num_prompts: int = 200, *, sampler: str, num_s
     return shapes_adherence(images, prompts)
 
 
-def evaluate_text_to_image(pipe, prompt_sets=PROMPT_SETS, *, images_per_class: int = 50,
-                           num_shapes: int = 200, sampler: str, num_steps: int, guidance_scale: float,
-                           seed: int = 0, data_dir: str | None = None, batch_size: int = 100) -> dict:
-    """{prompt set: its result} for class prompt sets ("mnist", "fashion-mnist") and "shapes"."""
+def evaluate_text_to_image(pipe, prompt_sets=PROMPT_SETS, *, images_per_class: int = 100,
+                           num_shapes: int = 300, num_relations: int = 300, sampler: str, num_steps: int,
+                           guidance_scale: float, seed: int = 0, data_dir: str | None = None,
+                           batch_size: int = 100) -> dict:
+    """{prompt set: its result} for class prompt sets ("mnist", "fashion-mnist"), "shapes" and
+    "relations"."""
     resolve_sampler(sampler)                            # an unknown name fails before any work
     unknown = set(prompt_sets) - set(PROMPT_SETS)
     if unknown:
@@ -116,8 +126,9 @@ def evaluate_text_to_image(pipe, prompt_sets=PROMPT_SETS, *, images_per_class: i
                     batch_size=batch_size)
     results = {}
     for name in prompt_sets:
-        if name == "shapes":
-            results[name] = evaluate_shapes_prompts(pipe, num_shapes, **settings)
+        if name in SHAPE_SETS:
+            count = num_shapes if name == "shapes" else num_relations
+            results[name] = evaluate_shapes_prompts(pipe, count, prompt_set=name, **settings)
         else:
             results[name] = evaluate_class_prompts(pipe, name, images_per_class, data_dir=data_dir, **settings)
     return {"settings": settings, "results": results}
@@ -132,7 +143,7 @@ def sweep_text_to_image(pipe, prompt_sets=PROMPT_SETS, *, samplers, step_counts,
 
 def headline(result: dict) -> dict[str, float]:
     """The one number per prompt set: class agreement for class prompts, all checks passed for shapes."""
-    return {name: value["all"] if name == "shapes" else value["class_agreement"]
+    return {name: value["all"] if name in SHAPE_SETS else value["class_agreement"]
             for name, value in result["results"].items()}
 
 

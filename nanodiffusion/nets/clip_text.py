@@ -60,15 +60,16 @@ class CLIPTextConfig(JSONConfig):
     pad_token_id: int = 49407               # SD v1.x pads with <|endoftext|>
 
     def __post_init__(self):
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size={self.hidden_size} must be divisible by "
-                             f"num_heads={self.num_heads}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {self.activation!r}; valid: {', '.join(ACTIVATIONS)}")
         sizes = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
                  "max_positions")
-        if any(getattr(self, name) < 1 for name in sizes):
-            raise ValueError(f"{', '.join(sizes)} must all be positive")
+        for name in sizes:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise UserError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.hidden_size % self.num_heads:
+            raise UserError(f"hidden_size={self.hidden_size} must be divisible by "
+                            f"num_heads={self.num_heads}")
+        if self.activation not in ACTIVATIONS:
+            raise UserError(f"unknown activation {self.activation!r}; valid: {', '.join(ACTIVATIONS)}")
 
     @classmethod
     def from_transformers_config(cls, data: dict) -> "CLIPTextConfig":

@@ -7,14 +7,15 @@ import torch
 from tqdm.auto import tqdm
 
 from nanodiffusion.diffusion.denoisers import Denoiser, cfg_denoiser
-from nanodiffusion.diffusion.sampler_options import check_options, schedule_inputs
-from nanodiffusion.diffusion.samplers import SAMPLERS, resolve_sampler
+from nanodiffusion.diffusion.sampler_options import schedule_inputs
+from nanodiffusion.diffusion.samplers import SAMPLERS
 from nanodiffusion.diffusion.sampling_plan import SchedulerSettings, final_latent, initial_noise_scale
 from nanodiffusion.diffusion.schedules import ScheduleConfig, check_num_steps
 from nanodiffusion.errors import UserError
 from nanodiffusion.images import frame_steps, grid_shape, image_grid, save_gif, save_png, to_pil
 from nanodiffusion.nets.ddpm_unet import DDPMUNet, DDPMUNetConfig
-from nanodiffusion.weights.checkpoint import load_checkpoint, save_checkpoint, unprefixed
+from nanodiffusion.pipelines.arguments import check_ddpm_call
+from nanodiffusion.weights.checkpoint import load_checkpoint, load_module, require, save_checkpoint
 from nanodiffusion.weights.models import model_path
 
 
@@ -48,9 +49,13 @@ class DDPMPipeline:
         tensors, meta = load_checkpoint(path)
         if meta.get("kind") != "ddpm":
             raise UserError(f"{path} is not a DDPM model checkpoint (kind={meta.get('kind')!r})")
+        require(meta, path, "unet", "schedule", "prediction")
+        for key in ("unet", "schedule"):
+            if not isinstance(meta[key], dict):
+                raise UserError(f"{path} is damaged: its {key!r} config is not a JSON object")
         unet = DDPMUNet(DDPMUNetConfig.from_dict(meta["unet"]))
         prefix = "ema" if use_ema and any(k.startswith("ema.") for k in tensors) else "model"
-        unet.load_state_dict({k: v.float() for k, v in unprefixed(prefix, tensors).items()})
+        load_module(unet, tensors, prefix, path)
         return cls(unet, ScheduleConfig.from_dict(meta["schedule"]), meta["prediction"], meta.get("class_names"))
 
     def save_pretrained(self, path: str | Path, *, dtype: torch.dtype = torch.float32, notes: dict | None = None) -> None:
@@ -94,16 +99,13 @@ class DDPMPipeline:
                  **sampler_options) -> SampleResult:
         """Draw `num_images` samples; `gif_frames > 0` records that many evenly spaced x_t of the reverse
         process. `sampler_options` are the sampler's own (diffusion/sampler_options.py), e.g. eta=0.5."""
-        if num_images < 1:
-            raise UserError(f"the number of images must be >= 1, got {num_images}")
-        if guidance_scale < 0:
-            raise UserError(f"guidance scale must be >= 0, got {guidance_scale}")
-        sampler = resolve_sampler(sampler)
-        check_options(sampler, SAMPLERS[sampler].function, sampler_options)
+        sampler = check_ddpm_call(num_images, sampler=sampler, num_steps=num_steps, seed=seed,
+                                  guidance_scale=guidance_scale, labels=labels, gif_frames=gif_frames,
+                                  options=sampler_options)
         check_num_steps(num_steps, self.schedule.num_timesteps)
-        if gif_frames > num_steps + 1:
-            raise UserError(f"a GIF of the reverse process has at most steps + 1 = {num_steps + 1} frames, "
-                            f"asked for {gif_frames}")
+        if gif_frames and not 2 <= gif_frames <= num_steps + 1:
+            raise UserError(f"a GIF of the reverse process has 2 (x_T and the image) to steps + 1 = "
+                            f"{num_steps + 1} frames, asked for {gif_frames}")
         sigmas = self.scheduler.sigmas(sampler, num_steps)
         class_labels = self.resolve_labels(num_images, labels)
         model = self._guided_model(class_labels, guidance_scale)

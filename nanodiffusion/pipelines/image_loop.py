@@ -38,7 +38,8 @@ class MadeImage(NamedTuple):
 
 def generate_each(pipe, request: GenerationRequest, num_images: int, model: ModelRecord, *,
                   progress: Callable | None = None, edits: Sequence | None = None,
-                  stop_checks: Callable[[], AbstractContextManager] | None = None) -> Iterator[MadeImage]:
+                  stop_checks: Callable[[], AbstractContextManager] | None = None,
+                  control_images: Sequence | None = None) -> Iterator[MadeImage]:
     """Yield image k = 0 .. num_images - 1: `request` with seed `request.seed + k`, run by `pipe` (a
     TextToImage). `progress(k, steps_done, denoised)` runs before image k (0 steps, denoised None) and after
     each of its sampler steps (denoised: the step's clean-latent estimate).
@@ -46,6 +47,7 @@ def generate_each(pipe, request: GenerationRequest, num_images: int, model: Mode
     img2img: image k starts from `edits[k % len(edits)]`, an object with `init` and `mask` (PIL images, the
     mask None for plain img2img) and `finish(image)`, what the result becomes (e.g. pasted over the
     original). `stop_checks()` is entered around each generation (the server's checks inside the networks).
+    `control_images`: one per `request.controls`, when they are not read from the files the request names.
     """
     for k in range(num_images):
         edit = edits[k % len(edits)] if edits else None
@@ -60,6 +62,8 @@ def generate_each(pipe, request: GenerationRequest, num_images: int, model: Mode
             progress(k, 0, None)
         image_request = replace(request, seed=request.seed + k)
         inputs = {} if edit is None else {"image": edit.init, "mask_image": edit.mask}
+        if control_images is not None:
+            inputs["control_image"] = list(control_images)
         try:
             with stop_checks() if stop_checks is not None else nullcontext():
                 output = pipe.generate(image_request, callback=step, **inputs)
@@ -70,9 +74,14 @@ def generate_each(pipe, request: GenerationRequest, num_images: int, model: Mode
                     continue
                 raise
             image, done, stop = to_pil(pipe.decode_latents(latest[0]))[0], image_request, error
-        text = png_text(done, model, img2img=edit is not None)
+        text = png_text(done, model, img2img=edit is not None, lora_hashes=_lora_hashes(pipe))
         if stop is not None:
             text[PARAMETERS_KEY] += ", Interrupted: true"
         yield MadeImage(edit.finish(image) if edit is not None else image, text, done, stop is not None)
         if stop is not None and not stop.resume:
             raise stop
+
+
+def _lora_hashes(pipe) -> dict[str, str]:
+    """The LoRAs active in `pipe` now ({} for a pipeline without LoRAs: DDPM's, the server tests' fakes)."""
+    return pipe.lora_hashes() if hasattr(pipe, "lora_hashes") else {}

@@ -29,6 +29,7 @@ BREAK = ("BREAK", -1.0)         # the chunk break in parse_prompt_attention's ou
 COMMA = ",</w>"
 CHUNK_LENGTH = 75               # tokens per chunk of CLIP, without the start and end tokens
 COMMA_BACKTRACK = 20
+MAX_WEIGHT = torch.finfo(torch.float32).max
 
 # One lexical token per match, tried in this order: an escape (a backslash followed by something other than
 # a bracket or a backslash is dropped, as in A1111), ":1.3)" closing a weighted bracket, a bracket, a run of
@@ -92,6 +93,10 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
             merged[-1][0] += part[0]
         else:
             merged.append(part)
+    for part in merged:
+        if part is not BREAK and not abs(part[1]) <= MAX_WEIGHT:       # the weights become float32
+            raise UserError(f"the emphasis weight of {part[0][:40]!r} is {part[1]:g} (brackets multiply it: "
+                            "thousands of nested brackets or (word:1e400) overflow): use weights near 1")
     return [part if part is BREAK else (part[0], part[1]) for part in merged]
 
 
@@ -172,6 +177,9 @@ def apply_emphasis(hidden_states: torch.Tensor, weights: torch.Tensor) -> torch.
     weighted = states * weights[..., None]
     mean_before = states.mean(dim=(1, 2), keepdim=True)                          # (N, 1, 1)
     weighted = weighted * (mean_before / weighted.mean(dim=(1, 2), keepdim=True))
+    if not weighted.isfinite().all():
+        raise UserError(f"the prompt's emphasis weights (largest {weights.abs().max().item():g}) make the "
+                        "text states overflow: use weights near 1 (A1111's range is about 0.5 to 1.5)")
     plain = (weights == 1).all(dim=1)[:, None, None]                             # chunks left as they are
     return torch.where(plain, states, weighted).to(hidden_states.dtype)
 

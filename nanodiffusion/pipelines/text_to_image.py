@@ -8,7 +8,6 @@ stochastic samplers' step noise. diffusers' StableDiffusionPipeline draws the sa
 from one generator, so both give the same images (tests/test_pipeline_parity.py).
 """
 
-import functools
 import random
 import warnings
 from dataclasses import replace
@@ -17,7 +16,6 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from nanodiffusion.adapters import LoRAAdapters, load_textual_inversion
 from nanodiffusion.diffusion.denoisers import (
     Denoiser, cfg_denoiser, inpainting_denoiser, lcm_boundary_condition,
 )
@@ -30,18 +28,22 @@ from nanodiffusion.errors import UserError
 from nanodiffusion.images import to_pil
 from nanodiffusion.nets.token_merging import merging_tokens
 from nanodiffusion.nets.vae_tiling import decode_sliced, decode_tiled
+from nanodiffusion.pipelines.adapter_methods import AdapterMethods
+from nanodiffusion.pipelines.arguments import check_generate_inputs, diverged_message
+from nanodiffusion.pipelines.control import attach_controlnets, call_settings, control_model, control_units
 from nanodiffusion.pipelines.img2img import ImageInput, prepare_images, prepare_mask
 from nanodiffusion.pipelines.prompts import count_chunks, encode_prompts
 from nanodiffusion.pipelines.request import (
-    OUTPUT_TYPES, GenerationRequest, TextToImageOutput, check_generation_defaults, read_generation_defaults,
+    GenerationRequest, TextToImageOutput, check_generation_defaults, read_generation_defaults,
 )
 from nanodiffusion.weights import file_pages, load_sd, load_vae
 from nanodiffusion.weights.components import SD15_SCHEDULER, resolve_dtype
+from nanodiffusion.validation import resolve_device
 from nanodiffusion.weights.families import model_defaults
 from nanodiffusion.weights.models import model_path
 
 
-class TextToImage:
+class TextToImage(AdapterMethods):
     """`TextToImage(unet, vae, text_encoder, tokenizer, scheduler_config)` or `from_pretrained(path)`;
     `pipe(prompt, ...)` returns a TextToImageOutput whose `.images` are PIL images by default.
 
@@ -65,6 +67,7 @@ class TextToImage:
         self.denoiser = Denoiser(self._eps, self.schedule.alphas_cumprod, self.schedule.prediction)
         self.generation_defaults = check_generation_defaults(generation_defaults or {})
         self.show_progress = True
+        self.embeddings: tuple[dict, dict] = ({}, {})     # (loaded, skipped) of load_embeddings_dir
         # Memory-bounded VAE decoding (nets/vae_tiling.py): tiles of this many latent pixels (None: whole
         # images), overlapping by vae_tile_overlap; vae_slicing decodes the images of a batch one by one.
         self.vae_tile_size: int | None = None
@@ -72,25 +75,30 @@ class TextToImage:
         self.vae_slicing = False
         # A cheap autoencoder (TAESD) for previews only (`decode_preview`); None: previews use `vae`.
         self.preview_vae: torch.nn.Module | None = None
+        self.controlnets = {}           # name -> AttachedControlNet (pipelines/control.py)
 
-    def _eps(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """The UNet as the Denoiser calls it: latents stay float32 outside, the weights may be bf16/fp16."""
-        return self.unet(x.to(self.dtype), t, context)
+    def _eps(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, **residuals) -> torch.Tensor:
+        """The UNet as the Denoiser calls it: latents stay float32 outside, the weights may be bf16/fp16;
+        `residuals` are a ControlNet's (down_residuals, mid_residual)."""
+        return self.unet(x.to(self.dtype), t, context, **residuals)
 
     @classmethod
     def from_pretrained(cls, path_or_repo: str | Path, *, dtype: torch.dtype | str = torch.float32,
                         device: str | torch.device = "cpu", tokenizer=None,
-                        memory_format: torch.memory_format | None = None, vae=None) -> "TextToImage":
+                        memory_format: torch.memory_format | None = None, vae=None, controlnet=None,
+                        trust_pickle: bool = False) -> "TextToImage":
         """Load a diffusers folder, a single-file checkpoint, a Hugging Face repo id or a built-in model name
         ("builtin": `weights.models.model_path`). A single file holds no tokenizer: an SD v1.x one gets CLIP's
         (`CLIPTokenizer.clip()`), others need `tokenizer=` (`CLIPTokenizer.from_pretrained(folder)`). `vae`
         replaces the model's autoencoder: a module, an autoencoder folder (TAESD's AutoencoderTiny, or an
-        AutoencoderKL) or a VAE file (A1111's; `weights.load_vae`).
+        AutoencoderKL) or a VAE file (A1111's; `weights.load_vae`). `controlnet`: ControlNets to attach
+        (`load_controlnet`).
 
         `memory_format` lays the UNet's and VAE's conv weights out (see `to`); None picks channels_last for
         bf16 on a CPU (measured faster there for both networks: benchmarks/README.md) and leaves the rest.
         """
         path = model_path(path_or_repo)
+        device = resolve_device(device)
         if memory_format is None:
             on_cpu = torch.device(device).type == "cpu"
             memory_format = torch.channels_last if on_cpu and resolve_dtype(dtype) == torch.bfloat16 \
@@ -99,8 +107,11 @@ class TextToImage:
         parts = load_sd(path, dtype=dtype, device=device, tokenizer=tokenizer,
                         memory_format=memory_format)
         if parts.tokenizer is None:
-            raise UserError(f"{path_or_repo} holds no tokenizer and its text encoder is not CLIP's (SD v1.x's):"
-                            " pass tokenizer=CLIPTokenizer.from_pretrained(the model's tokenizer folder)")
+            raise UserError(f"{path_or_repo} holds no tokenizer and its text encoder is not CLIP's "
+                            "(SD v1.x's): in Python pass tokenizer=CLIPTokenizer.from_pretrained(the model's "
+                            "tokenizer folder); on the command line make it a diffusers folder first: "
+                            "nanodiffusion convert FILE FOLDER --tokenizer TOKENIZER_FOLDER, then --model "
+                            "FOLDER")
         if vae is not None:
             parts.vae = vae if isinstance(vae, torch.nn.Module) else load_vae(
                 vae, dtype=dtype, device=device, memory_format=memory_format)
@@ -108,8 +119,16 @@ class TextToImage:
         # for SD 2.1), then the folder's own file
         defaults = {**model_defaults(parts.text_encoder.config, parts.scheduler_config),
                     **(read_generation_defaults(path) if path.is_dir() else {})}
-        return cls(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.scheduler_config,
+        pipe = cls(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.scheduler_config,
                    generation_defaults=defaults)
+        if controlnet is not None:
+            pipe.load_controlnet(controlnet, trust_pickle=trust_pickle)
+        return pipe
+
+    def load_controlnet(self, controlnet, *, trust_pickle: bool = False, **label) -> list[str]:
+        """Attach ControlNets (a path, a ControlNet module, or a list of them; `.pth` files only with
+        trust_pickle) to `self.controlnets`; returns their names. Calls then take `control_image=`."""
+        return attach_controlnets(self, controlnet, trust_pickle=trust_pickle, **label)
 
     @property
     def device(self) -> torch.device:
@@ -134,14 +153,14 @@ class TextToImage:
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None, *,
            memory_format: torch.memory_format | None = None) -> "TextToImage":
-        """Move (and cast) the three networks; returns the pipeline.
+        """Move (and cast) the networks, attached ControlNets too; returns the pipeline.
 
-        `memory_format=torch.channels_last` stores the UNet's and VAE's conv weights NHWC, and so runs their
-        feature maps NHWC (measured faster in bf16 on an AVX-512 CPU: benchmarks/README.md). Tensors are
-        converted one at a time and the memory-mapped file pages of those replaced are given back, so a
-        conversion never holds two copies of the weights.
+        `memory_format=torch.channels_last` stores the conv weights NHWC, and so runs their feature maps NHWC
+        (faster in bf16 on an AVX-512 CPU: benchmarks/README.md). Tensors are converted one at a time, the
+        file pages of those replaced given back: a conversion never holds two copies of the weights.
         """
-        for module in (self.unet, self.vae, self.text_encoder):
+        controlnets = [attached.network for attached in self.controlnets.values()]
+        for module in (self.unet, self.vae, self.text_encoder, *controlnets):
             layout = memory_format if module is not self.text_encoder else None
 
             def change(tensor: torch.Tensor, layout=layout) -> torch.Tensor:
@@ -172,45 +191,50 @@ class TextToImage:
                  generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
                  image: ImageInput | None = None, mask_image: ImageInput | None = None,
                  output_type: str = "pil", callback=None, num_inference_steps: int | None = None,
-                 **settings) -> TextToImageOutput:
+                 control_image=None, **settings) -> TextToImageOutput:
         """Generate images; `settings` are GenerationRequest fields (guidance_scale, seed, height, ...).
 
         `num_inference_steps` is diffusers' name for `num_steps`; the other arguments are `generate`'s.
+        ControlNets take `control_image` (one per ControlNet) and the settings of control.CALL_SETTINGS.
         """
         if num_inference_steps is not None:
             if "num_steps" in settings:
                 raise UserError("pass num_steps or num_inference_steps, not both")
             settings["num_steps"] = num_inference_steps
+        control_images = call_settings(self, settings, control_image)
         request = GenerationRequest.from_settings(prompt, negative_prompt,
                                                   **{**self.generation_defaults, **settings})
         return self.generate(request, generator=generator, latents=latents, image=image,
-                             mask_image=mask_image, output_type=output_type, callback=callback)
+                             mask_image=mask_image, output_type=output_type, callback=callback,
+                             control_image=control_images or None)
 
     @torch.no_grad()
     def generate(self, request: GenerationRequest, *, generator: torch.Generator | None = None,
                  latents: torch.Tensor | None = None, image: ImageInput | None = None,
                  mask_image: ImageInput | None = None, output_type: str = "pil",
-                 callback=None) -> TextToImageOutput:
+                 callback=None, control_image: list | None = None) -> TextToImageOutput:
         """Run `request`. `latents`: the start noise, N(0, I) of shape (N, 4, H/8, W/8), instead of a draw;
         `image`: init image(s) for img2img, one or one per prompt; `mask_image`: repaint where it is white;
-        `callback(i, x, denoised)` runs after each step (`decode_latents(denoised)` previews it).
+        `callback(i, x, denoised)` runs after each step (`decode_latents(denoised)` previews it);
+        `control_image`: one per request.controls (else read from the files they name).
         """
-        if output_type not in OUTPUT_TYPES:
-            raise UserError(f"unknown output_type {output_type!r}; valid: {', '.join(OUTPUT_TYPES)}")
-        if mask_image is not None and image is None:
-            raise UserError("mask_image needs the image to inpaint: pass image= too")
+        check_generate_inputs(self, request, generator=generator, latents=latents, image=image,
+                              mask_image=mask_image, output_type=output_type, callback=callback)
         init_images = prepare_images(image) if image is not None else None
         request, generator = self._settle(request, generator, init_images)
+        units, request = control_units(self, request, control_image)
         sampler = resolve_sampler(request.sampler)
-        model = self._guided_denoiser(request)
+        texts = self.prompt_loras.apply(request.prompts)              # <lora:NAME:W> tags applied, then cut
         sigmas = self.sigmas(sampler, request.num_steps, request.sigma_schedule)
+        if init_images is not None:
+            sigmas = img2img_sigmas(sigmas, request.strength)          # ControlNets run on these steps
+        model = self._guided_denoiser(replace(request, prompt=texts), units, sigmas)
         if init_images is None:
             noise = self._noise(request, generator, latents)
             x = noise * initial_noise_scale(sampler, sigmas, spacing=self.schedule.spacing)
         else:
             original = self._init_latents(init_images, request, generator)       # drawn first, as diffusers
             noise = self._noise(request, generator, latents)
-            sigmas = img2img_sigmas(sigmas, request.strength)
             x = original + noise * float(sigmas[0])
             if mask_image is not None:
                 mask = prepare_mask(mask_image, request.height, request.width, self.vae_factor)
@@ -219,6 +243,8 @@ class TextToImage:
         with merging_tokens(self.unet, request.tome_ratio, request.seed or 0):     # no-op at ratio 0
             x = self._sample(sampler, model, x, sigmas, generator, callback, request.sampler_options)
         x = final_latent(sampler, x, sigmas)
+        if not x.isfinite().all():
+            raise UserError(diverged_message(self.dtype, request.guidance_scale))
         if mask_image is not None:
             x = mask * x + (1 - mask) * original              # DDIM and PLMS end above sigma = 0
         return TextToImageOutput(self._postprocess(x, output_type), request)
@@ -257,16 +283,19 @@ class TextToImage:
                                 clip_skip=clip_skip, emphasis=emphasis).to(self.dtype)
         return states[:len(prompts)], (states[len(prompts):] if negative_prompts else None)
 
-    def _guided_denoiser(self, request: GenerationRequest):
+    def _guided_denoiser(self, request: GenerationRequest, units=(), sigmas=None):
         """D(x, sigma) for the whole batch: each prompt repeated per image, classifier-free guidance as one
-        batched UNet call; none at guidance <= 1 (diffusers' rule, so SD-Turbo's guidance 0 is one call)."""
+        batched UNet call; none at guidance <= 1 (diffusers' rule, so SD-Turbo's guidance 0 is one call).
+        ControlNet `units` add their residuals on their fraction of the grid `sigmas`."""
         guided = request.guidance_scale > 1
         cond, uncond = self.encode_prompt(request.prompts, request.negative_prompts if guided else None,
                                           clip_skip=request.clip_skip, emphasis=request.emphasis)
         n = request.num_images_per_prompt
         cond = {"context": cond.repeat_interleave(n, dim=0)}                     # (N, 77·K, D)
         uncond = {"context": uncond.repeat_interleave(n, dim=0)} if guided else None
-        model = cfg_denoiser(self.denoiser, cond, uncond, request.guidance_scale if guided else 1.0)
+        denoiser, cond, uncond = control_model(self, units, sigmas, cond, uncond) if units else \
+            (self.denoiser, cond, uncond)
+        model = cfg_denoiser(denoiser, cond, uncond, request.guidance_scale if guided else 1.0)
         if resolve_sampler(request.sampler) == "lcm":
             model = lcm_boundary_condition(model, self.schedule.alphas_cumprod)
         return model
@@ -320,6 +349,8 @@ class TextToImage:
 
         NaNs from a float16 VAE (it overflows on some latents) are reported and the VAE is upcast to float32.
         """
+        if not latents.isfinite().all():
+            raise UserError(diverged_message(self.dtype))
         z = latents / self.vae.config.scaling_factor
         vae_dtype = next(self.vae.parameters()).dtype
         images = self._decode(z.to(self.device, vae_dtype))
@@ -329,8 +360,7 @@ class TextToImage:
             self.vae.float()
             images = self._decode(z.to(self.device, torch.float32))
         if not images.isfinite().all():
-            raise UserError("the image has NaN pixels: the UNet overflowed (try dtype bfloat16 or float32)"
-                            if not latents.isfinite().all() else "the VAE produced NaN pixels")
+            raise UserError("the VAE produced NaN pixels from finite latents")
         return images
 
     @torch.no_grad()
@@ -360,34 +390,3 @@ class TextToImage:
         if output_type == "np":
             return (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()     # (N, H, W, 3)
         return to_pil(images)
-
-    # LoRA and textual inversion (nanodiffusion/adapters), under diffusers' method names.
-    @functools.cached_property
-    def lora(self) -> LoRAAdapters:
-        """The LoRAs loaded into the UNet and the text encoder (see adapters/lora.py)."""
-        return LoRAAdapters({"unet": self.unet, "text_encoder": self.text_encoder})
-
-    def load_lora_weights(self, path: str | Path, adapter_name: str | None = None) -> str:
-        """Load a LoRA file (kohya/A1111 or diffusers/PEFT) as the one active adapter; returns its name."""
-        return self.lora.load_lora_weights(path, adapter_name)
-
-    def set_adapters(self, adapter_names: str | list[str],
-                     adapter_weights: float | list[float] | None = None) -> None:
-        """Make exactly these loaded LoRAs active, each with its weight."""
-        self.lora.set_adapters(adapter_names, adapter_weights)
-
-    def fuse_lora(self, lora_scale: float = 1.0) -> None:
-        """Fix the active LoRAs into the weights, times `lora_scale`."""
-        self.lora.fuse_lora(lora_scale)
-
-    def unfuse_lora(self) -> None:
-        """Undo fuse_lora: the active LoRAs at their own weights."""
-        self.lora.unfuse_lora()
-
-    def unload_lora_weights(self) -> None:
-        """Forget every LoRA: the original weights come back exactly (the fused ones stay after fuse_lora)."""
-        self.lora.unload_lora_weights()
-
-    def load_textual_inversion(self, path: str | Path, token: str | None = None) -> str:
-        """Add a textual-inversion embedding to the tokenizer and text encoder; returns its prompt token."""
-        return load_textual_inversion(self.text_encoder, self.tokenizer, path, token)

@@ -14,13 +14,15 @@ import math
 from dataclasses import replace
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from nanodiffusion.diffusion.sampler_options import NOISE_OPTIONS
 from nanodiffusion.diffusion.samplers import resolve_sampler, sampler_options
 from nanodiffusion.diffusion.sampling_plan import SIGMA_SCHEDULES
+from nanodiffusion.errors import UserError
 from nanodiffusion.pipelines.request import GenerationRequest
 from nanodiffusion.server.a1111_images import INPAINTING_FILLS, RESIZE_MODES
+from nanodiffusion.server.controlnets import ControlNetUnitBody, controlnet_units
 
 MAX_PROMPT_CHARS = 10_000
 # A1111's scheduler names ("sgm_uniform", ours but "automatic") and labels ("SGM Uniform"), lowercase: A1111
@@ -33,7 +35,7 @@ IGNORED_COMMON = frozenset((
     "styles subseed subseed_strength seed_resize_from_h seed_resize_from_w restore_faces tiling "
     "do_not_save_samples do_not_save_grid s_min_uncond "
     "override_settings_restore_afterwards refiner_checkpoint refiner_switch_at disable_extra_networks "
-    "comments force_task_id script_name script_args send_images save_images alwayson_scripts infotext "
+    "comments force_task_id script_name script_args send_images save_images infotext "
     "distilled_cfg_scale"
 ).split())
 IGNORED_TXT2IMG = IGNORED_COMMON | frozenset((
@@ -67,6 +69,9 @@ class Txt2ImgRequest(BaseModel):
     n_iter: int = Field(1, ge=1)
     override_settings: dict[str, Any] = Field(default_factory=dict,
                                               description=f"only {CLIP_SKIP_SETTING} is read")
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict,
+                                             description='only "controlnet" is read (its extension\'s units)')
+    _controlnet_units: list[ControlNetUnitBody] = PrivateAttr(default_factory=list)
     # the standard sampler options, for the samplers that take them (others list them as ignored)
     eta: float | None = Field(None, ge=0, description="noise amount of ancestral/SDE samplers, DDIM's eta, "
                                                       "TCD's gamma; default: the sampler's (1, 0, 0.3)")
@@ -107,7 +112,16 @@ class Txt2ImgRequest(BaseModel):
             raise ValueError(f"override_settings.{CLIP_SKIP_SETTING} must be an integer in 1..12, "
                              f"got {clip_skip!r}")
         self.sampler_and_schedule({})                   # sampler_name vs scheduler conflicts
+        try:
+            self._controlnet_units = controlnet_units(self.alwayson_scripts)
+        except UserError as error:
+            raise ValueError(str(error)) from None
         return self
+
+    @property
+    def controlnet_units(self) -> list[ControlNetUnitBody]:
+        """The enabled units of the ControlNet extension's script (`alwayson_scripts.controlnet.args`)."""
+        return self._controlnet_units
 
     @property
     def num_images(self) -> int:
@@ -117,9 +131,10 @@ class Txt2ImgRequest(BaseModel):
         """The A1111 fields sent that we do not implement, or that `sampler` does not take (eta for Euler),
         override_settings keys as override_settings.KEY."""
         settings = [f"override_settings.{key}" for key in self.override_settings if key != CLIP_SKIP_SETTING]
+        scripts = [f"alwayson_scripts.{key}" for key in self.alwayson_scripts if key.lower() != "controlnet"]
         unused = [name for name in NOISE_OPTIONS
                   if getattr(self, name) is not None and name not in sampler_options(sampler)]
-        return sorted([*self.model_extra, *unused]) + settings
+        return sorted([*self.model_extra, *unused]) + settings + scripts
 
     def options_for(self, sampler: str) -> dict[str, float]:
         """The sampler options sent that `sampler` takes, where they differ from its defaults (A1111's

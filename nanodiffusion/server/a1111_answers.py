@@ -16,12 +16,12 @@ from nanodiffusion.diffusion.sampling_plan import SIGMA_SCHEDULES
 from nanodiffusion.pipelines.metadata import PARAMETERS_KEY
 from nanodiffusion.server.a1111 import CLIP_SKIP_SETTING, SCHEDULE_NAMES
 
-# What this server has none of (no VAE files apart from the models', no LoRA yet, no upscaler, no scripts...):
-# clients read these lists at start-up, so each answers, truthfully empty.
+# What this server has none of (no VAE files apart from the models', no upscaler, no scripts...): clients
+# read these lists at start-up, so each answers, truthfully empty.
 EMPTY_LISTINGS = {
-    "sd-vae": [], "loras": [], "upscalers": [], "latent-upscale-modes": [], "prompt-styles": [],
+    "sd-vae": [], "upscalers": [], "latent-upscale-modes": [], "prompt-styles": [],
     "face-restorers": [], "hypernetworks": [], "realesrgan-models": [], "script-info": [], "extensions": [],
-    "embeddings": {"loaded": {}, "skipped": {}}, "scripts": {"txt2img": [], "img2img": []},
+    "scripts": {"txt2img": [], "img2img": []},
 }
 # A1111's infotext settings line: "Key: value, Key: "quoted, value", ..."
 _SETTING = re.compile(r'\s*([\w][\w .+/()-]*?):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
@@ -83,6 +83,19 @@ def sd_models(registry) -> list[dict]:
     return [{"title": registry.title(entry), "model_name": entry.name,
              "hash": registry.hashes.get(entry.path), "sha256": None, "filename": entry.filename, "config": None}
             for entry in registry.entries.values()]
+
+
+def loras(pipe) -> list[dict]:
+    """`GET /sdapi/v1/loras`: the files of --lora-dir (name, alias, path relative to it, header metadata)."""
+    prompt_loras = getattr(pipe, "prompt_loras", None)
+    return prompt_loras.folder.listing() if prompt_loras and prompt_loras.folder else []
+
+
+def embeddings(pipe) -> dict:
+    """`GET /sdapi/v1/embeddings`: the embeddings of --embeddings-dir loaded into the model, and those
+    skipped (made for another model) with the reason."""
+    loaded, skipped = getattr(pipe, "embeddings", ({}, {}))
+    return {"loaded": loaded, "skipped": skipped}
 
 
 def options(registry, clip_skip: int) -> dict:

@@ -13,6 +13,7 @@ from nanodiffusion.errors import UserError
 from nanodiffusion.server import a1111_answers as answers
 from nanodiffusion.server.a1111 import CLIP_SKIP_SETTING, Img2ImgRequest, Txt2ImgRequest
 from nanodiffusion.server.a1111_images import decode_image, prepare, read_mask
+from nanodiffusion.server.controlnets import MODULES as CONTROL_MODULES
 from nanodiffusion.server.jobs import DONE, FAILED, INTERRUPT, SKIP, Job
 from nanodiffusion.server.service import (
     AsciiJSONResponse, ModelSwitch, Service, dumps, queue_or_429, user_error,
@@ -20,6 +21,8 @@ from nanodiffusion.server.service import (
 
 IMG2IMG_PATH = "/sdapi/v1/img2img"
 PNG_INFO_PATH = "/sdapi/v1/png-info"
+TXT2IMG_PATH = "/sdapi/v1/txt2img"
+CONTROLNET_API_VERSION = 2              # the ControlNet extension's API version that clients check
 
 
 class PngInfoRequest(BaseModel):
@@ -32,12 +35,13 @@ class PngInfoRequest(BaseModel):
 def add_a1111_routes(app: FastAPI, service: Service) -> None:
     _add_generation_routes(app, service)
     _add_model_routes(app, service)
+    _add_controlnet_routes(app, service)
 
 
 def _add_generation_routes(app: FastAPI, service: Service) -> None:
     queue = service.queue
 
-    @app.post("/sdapi/v1/txt2img", tags=["a1111"])
+    @app.post(TXT2IMG_PATH, tags=["a1111"])
     async def txt2img(body: Txt2ImgRequest, request: Request):
         """Generate batch_size × n_iter images and wait for them; image k has seed + k."""
         return await _generate(service, body, request)
@@ -103,8 +107,26 @@ def _add_model_routes(app: FastAPI, service: Service) -> None:
     app.get("/sdapi/v1/schedulers", tags=["a1111"])(answers.schedulers)
     app.get("/sdapi/v1/memory", tags=["a1111"])(answers.memory)
     app.get("/sdapi/v1/cmd-flags", tags=["a1111"])(lambda: service.settings.flags)
+    app.get("/sdapi/v1/loras", tags=["a1111"])(lambda: answers.loras(service.pipe()))
+    app.post("/sdapi/v1/refresh-loras", tags=["a1111"])(lambda: {})      # the listing scans the folder
+    app.get("/sdapi/v1/embeddings", tags=["a1111"])(lambda: answers.embeddings(service.pipe()))
     for name, listing in answers.EMPTY_LISTINGS.items():
         app.get(f"/sdapi/v1/{name}", tags=["a1111"])(lambda listing=listing: listing)
+
+
+def _add_controlnet_routes(app: FastAPI, service: Service) -> None:
+    """The listings of A1111's ControlNet extension (the units come in txt2img/img2img bodies)."""
+    controlnets = service.controlnets
+
+    @app.get("/controlnet/model_list", tags=["controlnet"])
+    async def model_list(update: bool = True):
+        """The ControlNets of the --controlnet-dir folders, by the extension's titles "name [hash]"."""
+        if update:
+            await asyncio.to_thread(controlnets.refresh)
+        return {"model_list": [controlnets.title(entry) for entry in controlnets.entries.values()]}
+
+    app.get("/controlnet/module_list", tags=["controlnet"])(lambda: {"module_list": list(CONTROL_MODULES)})
+    app.get("/controlnet/version", tags=["controlnet"])(lambda: {"version": CONTROLNET_API_VERSION})
 
 
 def _generating(job: Job | None) -> bool:
@@ -141,7 +163,7 @@ async def prepare_edits(service: Service, body: Img2ImgRequest) -> list | Respon
 async def _generate(service: Service, body: Txt2ImgRequest, request: Request, edits: list | None = None):
     """Queue the job of `body`, wait for it (cancelled if the client goes away) and answer as A1111."""
     try:
-        job = service.make_job(body, edits)
+        job = service.make_job(body, edits, await service.read_controls(body))
     except UserError as error:
         return AsciiJSONResponse(user_error(error), status_code=422)
     refusal = queue_or_429(service, job)

@@ -21,7 +21,10 @@ from nanodiffusion import __version__
 from nanodiffusion.errors import UserError
 from nanodiffusion.pipelines.metadata import ModelRecord
 from nanodiffusion.server.a1111 import Img2ImgRequest, Txt2ImgRequest
-from nanodiffusion.server.a1111_routes import IMG2IMG_PATH, PNG_INFO_PATH, add_a1111_routes, prepare_edits
+from nanodiffusion.server.a1111_routes import (
+    IMG2IMG_PATH, PNG_INFO_PATH, TXT2IMG_PATH, add_a1111_routes, prepare_edits,
+)
+from nanodiffusion.server.controlnets import ControlNetRegistry
 from nanodiffusion.server.guards import Guard
 from nanodiffusion.server.models import ModelRegistry
 from nanodiffusion.server.service import (
@@ -30,13 +33,19 @@ from nanodiffusion.server.service import (
 
 STATIC = Path(__file__).resolve().parent / "static"
 IMG2IMG_JOBS_PATH = "/api/jobs/img2img"
+JOBS_PATH = "/api/jobs"
 
 
 def create_app(pipe, model: ModelRecord, settings: ServerSettings = ServerSettings(), *,
-               registry: ModelRegistry | None = None) -> FastAPI:
+               registry: ModelRegistry | None = None,
+               controlnets: ControlNetRegistry | None = None) -> FastAPI:
     """The app serving `pipe` (a TextToImage, or anything with its `generate(request, callback=)`, `sigmas`,
-    `native_size` and `generation_defaults`), or the models of `registry` when given."""
-    service = Service(registry or ModelRegistry(pipe, model), settings)
+    `native_size` and `generation_defaults`), or the models of `registry` when given; `controlnets`: the
+    ControlNets that requests may use."""
+    service = Service(registry or ModelRegistry(pipe, model), settings, controlnets)
+    # txt2img bodies carry images when ControlNets are served
+    uploads = (IMG2IMG_PATH, PNG_INFO_PATH, IMG2IMG_JOBS_PATH,
+               *((TXT2IMG_PATH, JOBS_PATH) if controlnets and controlnets.dirs else ()))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -49,7 +58,7 @@ def create_app(pipe, model: ModelRecord, settings: ServerSettings = ServerSettin
                   description="Text-to-image with Stable Diffusion v1.x: AUTOMATIC1111's API and a job API.")
     app.state.service = service
     app.add_middleware(Guard, max_bytes=settings.max_body_bytes, max_upload_bytes=settings.max_upload_bytes,
-                       upload_paths=frozenset((IMG2IMG_PATH, PNG_INFO_PATH, IMG2IMG_JOBS_PATH)),
+                       upload_paths=frozenset(uploads),
                        allowed_hosts=settings.allowed_hosts, api_key=settings.api_key)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(ModelLoading, _loading)
@@ -81,12 +90,12 @@ def _add_job_routes(app: FastAPI, service: Service) -> None:
 
     async def submit(body, edits=None):
         try:
-            job = service.make_job(body, edits)
+            job = service.make_job(body, edits, await service.read_controls(body))
         except UserError as error:
             return AsciiJSONResponse(user_error(error), status_code=422)
         return queue_or_429(service, job) or AsciiJSONResponse(service.job_json(job), status_code=202)
 
-    @app.post("/api/jobs", status_code=202, tags=["jobs"])
+    @app.post(JOBS_PATH, status_code=202, tags=["jobs"])
     async def submit_txt2img(body: Txt2ImgRequest):
         """Queue a generation (the txt2img body); poll GET /api/jobs/{id} for progress and images."""
         return await submit(body)

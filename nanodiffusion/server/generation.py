@@ -9,6 +9,7 @@ interrupted or skipped image comes back as its last denoised estimate, decoded.
 
 import io
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 
 from nanodiffusion.images import to_pil, write_png
@@ -62,12 +63,27 @@ def run_job(pipe, model: ModelRecord, job: Job, previews: Previews | None = None
     if hasattr(pipe, "vae_tile_size"):
         pipe.vae_tile_size = tile
     made = generate_each(pipe, job.request, job.num_images, replace(model, vae_tile=tile), progress=progress,
-                         edits=edits, stop_checks=lambda: checked(_networks(pipe), job.check_stop))
-    for image, text, done, interrupted in made:
-        job.images.append(GeneratedImage(png_bytes(image, text), done.seed, text[PARAMETERS_KEY], done,
-                                         interrupted))
-        job.preview = None
-        job.clear_skip()
+                         edits=edits, stop_checks=lambda: checked(_networks(pipe), job.check_stop),
+                         control_images=[control.image for control in job.controls] or None)
+    with job_controlnets(pipe, job.controls):
+        for image, text, done, interrupted in made:
+            job.images.append(GeneratedImage(png_bytes(image, text), done.seed, text[PARAMETERS_KEY], done,
+                                             interrupted))
+            job.preview = None
+            job.clear_skip()
+
+
+@contextmanager
+def job_controlnets(pipe, controls):
+    """The job's ControlNets (server/controlnets.ControlInput) attached to `pipe` while the job runs."""
+    for control in controls:
+        settings = control.settings
+        pipe.load_controlnet(control.network, name=settings.model, digest=settings.model_hash)
+    try:
+        yield
+    finally:
+        if controls:
+            pipe.controlnets.clear()
 
 
 def _vae_tile(pipe, request) -> int | None:
@@ -77,7 +93,8 @@ def _vae_tile(pipe, request) -> int | None:
 
 
 def _networks(pipe) -> list:
-    return [getattr(pipe, name) for name in ("unet", "vae", "text_encoder") if hasattr(pipe, name)]
+    networks = [getattr(pipe, name) for name in ("unet", "vae", "text_encoder") if hasattr(pipe, name)]
+    return networks + [attached.network for attached in getattr(pipe, "controlnets", {}).values()]
 
 
 def _preview_png(pipe, denoised, edit) -> bytes:

@@ -67,6 +67,7 @@ class Job:
     num_images: int
     num_steps: int
     inputs: object = None
+    controls: tuple = ()                        # ControlNet units (server/controlnets.ControlInput)
     model: object = None                        # the model that ran it (a ModelRecord), set when it starts
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     state: str = QUEUED

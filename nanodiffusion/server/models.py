@@ -9,7 +9,7 @@ outside the configured folders. Paths answered to clients are relative to their 
 import gc
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from nanodiffusion.errors import UserError
@@ -113,5 +113,6 @@ class ModelRegistry:
         if entry.path not in self.hashes:
             self.hashes[entry.path] = model_hash(entry.path)
         self.pipe, self.current = pipe, entry
-        self.served = ModelRecord(entry.filename, entry.path, self.hashes[entry.path], self.served.dtype,
-                                  self.served.device)
+        # the same dtype, device and adapter folders
+        self.served = replace(self.served, argument=entry.filename, path=entry.path,
+                              hash=self.hashes[entry.path], vae_tile=None)

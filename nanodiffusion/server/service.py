@@ -6,13 +6,14 @@ import asyncio
 import base64
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from fastapi.responses import JSONResponse
 from starlette.requests import Request
 
 from nanodiffusion.diffusion.sampling_plan import img2img_sigmas
 from nanodiffusion.errors import UserError
+from nanodiffusion.server.controlnets import ControlInput, ControlNetRegistry, read_controls
 from nanodiffusion.server.generation import PREVIEW_BUDGET, Previews, run_job
 from nanodiffusion.server.jobs import FINISHED, Job, JobQueue, QueueFull
 from nanodiffusion.server.limits import Limits
@@ -60,8 +61,10 @@ class ModelLoading(Exception):
 class Service:
     """What the routes share: settings, models, queue, and the server-wide CLIP skip (an A1111 option)."""
 
-    def __init__(self, registry: ModelRegistry, settings: ServerSettings):
+    def __init__(self, registry: ModelRegistry, settings: ServerSettings,
+                 controlnets: ControlNetRegistry | None = None):
         self.registry, self.settings = registry, settings
+        self.controlnets = controlnets or ControlNetRegistry()
         self.previews = Previews(settings.preview_budget)
         self.clip_skip = 1
         self.queue = JobQueue(self._run, max_waiting=settings.queue_size, keep_finished=settings.keep_jobs,
@@ -85,17 +88,28 @@ class Service:
         """The settings a request leaves out: the model's generation defaults and the server's CLIP skip."""
         return {**getattr(self.pipe(), "generation_defaults", {}), "clip_skip": self.clip_skip}
 
-    def make_job(self, body, edits: list | None = None) -> Job:
-        """The job of an A1111 body (txt2img, or img2img with its prepared `edits`); a UserError when the
-        pipeline's checks or the server's limits refuse it."""
+    async def read_controls(self, body) -> list[ControlInput]:
+        """The body's ControlNet units with their images and networks, read off the event loop."""
+        units = body.controlnet_units
+        if not units:
+            return []
+        return await asyncio.to_thread(read_controls, units, self.controlnets, self.pipe(),
+                                       self.settings.limits.max_upload_pixels)
+
+    def make_job(self, body, edits: list | None = None, controls: list[ControlInput] = ()) -> Job:
+        """The job of an A1111 body (txt2img, or img2img with its prepared `edits`) and its ControlNet units
+        (`read_controls`); a UserError when the pipeline's checks or the server's limits refuse it."""
         pipe = self.pipe()
         seed = body.seed if body.seed != -1 else random.randrange(2**32)
         request = body.generation_request(seed, self.defaults(), pipe.native_size)
+        request = replace(request, controls=tuple(control.settings for control in controls))
+        if hasattr(pipe, "prompt_loras"):               # <lora:NAME:W>: unknown names are refused here
+            pipe.prompt_loras.check(request.prompts)
         sigmas = pipe.sigmas(request.sampler, request.num_steps, request.sigma_schedule)  # e.g. LCM's limits
         self.settings.limits.check(body, request, unet_parameters(pipe))
         steps = request.num_steps if edits is None or sigmas is None \
             else len(img2img_sigmas(sigmas, request.strength)) - 1
-        return Job(request, body.num_images, steps, inputs=edits)
+        return Job(request, body.num_images, steps, inputs=edits, controls=tuple(controls))
 
     async def wait(self, job: Job, request: Request) -> bool:
         """Wait, without blocking the event loop, until the worker finishes `job`; cancel it and return False

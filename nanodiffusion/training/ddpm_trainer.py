@@ -17,6 +17,7 @@ from nanodiffusion.errors import UserError
 from nanodiffusion.nets.ddpm_unet import DDPMUNet, DDPMUNetConfig
 from nanodiffusion.pipelines.ddpm import DDPMPipeline, model_metadata
 from nanodiffusion.training import distributed
+from nanodiffusion.training.checkpointed import Checkpointed
 from nanodiffusion.training.denoising import DenoisingConfig, denoising_loss
 from nanodiffusion.training.ema import EMA
 from nanodiffusion.training.run_state import RunState, TrainState
@@ -36,7 +37,7 @@ class TrainConfig(DenoisingConfig):
             raise UserError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
 
 
-class DDPMTrainer:
+class DDPMTrainer(Checkpointed):
     """Owns the model, its EMA and the optimizer of one run (`run` holds the RNG and counters);
     `fit()` trains, `resume()` restores."""
 
@@ -99,14 +100,6 @@ class DDPMTrainer:
     def _sample_grid(self, path: Path) -> None:
         pipe = DDPMPipeline(self.ema.shadow, self.schedule, self.config.prediction, self.dataset.class_names)
         pipe.sample_grid(path, num_images=16, sampler="ddim", num_steps=50, seed=0, progress=False)
-
-    def save(self, name: str) -> Path:
-        """Atomically write checkpoint `out_dir/name.safetensors` with everything needed to resume."""
-        return self.run.save(name)
-
-    def resume(self, path: str | Path) -> None:
-        """Restore model, EMA, optimizer, RNG and counters from a checkpoint written by `save`."""
-        self.run.resume(path, self._check_checkpoint)
 
     def _check_checkpoint(self, meta: dict) -> None:
         if meta.get("kind") != "ddpm" or DDPMUNetConfig.from_dict(meta["unet"]) != self.unet_config:

@@ -9,6 +9,7 @@ import torch
 from nanodiffusion.diffusion.forward import PREDICTION_TYPES, diffusion_loss, min_snr_weights, training_target
 from nanodiffusion.errors import UserError
 from nanodiffusion.training.run_state import LoopConfig
+from nanodiffusion.validation import check_float
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,10 @@ class DenoisingConfig(LoopConfig):
         if self.prediction not in PREDICTION_TYPES:
             raise UserError(f"unknown prediction type {self.prediction!r}; "
                             f"valid: {', '.join(PREDICTION_TYPES)}")
+        if not 0 <= check_float("ema_decay", self.ema_decay) < 1:
+            raise UserError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.min_snr_gamma is not None:
+            check_float("min_snr_gamma", self.min_snr_gamma, above=0)
 
 
 def denoising_loss(config: DenoisingConfig, pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor,

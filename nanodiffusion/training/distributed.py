@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from nanodiffusion.errors import UserError
+from nanodiffusion.validation import resolve_device
 
 
 def world() -> tuple[int, int]:
@@ -34,7 +35,7 @@ def init_from_env(device: str = "cpu") -> bool:
         return dist.is_initialized()
     if not dist.is_available():
         raise UserError("this PyTorch build has no torch.distributed: run a single process")
-    cuda = torch.device(device).type == "cuda"
+    cuda = resolve_device(device).type == "cuda"
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if cuda else "gloo")
@@ -49,7 +50,7 @@ def shutdown() -> None:
 
 def process_device(device: str) -> torch.device:
     """The device this rank trains on: "cuda" means cuda:LOCAL_RANK in a distributed run."""
-    device = torch.device(device)
+    device = resolve_device(device)
     if device.type == "cuda" and device.index is None and world()[1] > 1:
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return device

@@ -4,6 +4,8 @@ import copy
 
 import torch
 
+from nanodiffusion.errors import UserError
+
 
 class EMA:
     """Keeps `shadow`, a frozen copy of a model whose weights track decay·shadow + (1-decay)·model.
@@ -14,7 +16,7 @@ class EMA:
 
     def __init__(self, model: torch.nn.Module, decay: float = 0.999):
         if not 0 <= decay < 1:
-            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+            raise UserError(f"ema_decay must be in [0, 1), got {decay}")
         self.decay = decay
         self.num_updates = 0
         self.shadow = copy.deepcopy(model).eval().requires_grad_(False)

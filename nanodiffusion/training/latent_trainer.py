@@ -3,9 +3,10 @@
 The data set is encoded once by the frozen VAE (under bf16 autocast when training in bf16) and its latents are
 kept in memory, scaled by the VAE's `scaling_factor`: by default the posterior means, or with
 `sample_posterior` a fresh draw z ~ q(z|x) at each visit. They are cached in `out_dir/latents.safetensors`,
-keyed by a hash of the VAE weights and the images, so a resumed run does not encode them again. Captions are dropped to "" with probability `caption_dropout`, as SD does, so that the one network
-also learns the unconditional prediction that classifier-free guidance needs (Ho & Salimans 2022). The text
-encoder is frozen (pre-trained by `train text-encoder`, as SD freezes CLIP) or trained jointly with the UNet
+keyed by a hash of the VAE weights and the images, so a resumed run does not encode them again. Captions are
+dropped to "" with probability `caption_dropout`, as SD does, so that the one network also learns the
+unconditional prediction that classifier-free guidance needs (Ho & Salimans 2022). The text encoder is frozen
+(pre-trained by `train text-encoder`, as SD freezes CLIP) or trained jointly with the UNet
 (`train_text_encoder`: its parameters join the UNet's optimizer and EMA). The result is a diffusers Stable
 Diffusion folder that `TextToImage.from_pretrained` and diffusers' StableDiffusionPipeline load.
 """
@@ -30,10 +31,12 @@ from nanodiffusion.pipelines.text_to_image import TextToImage
 from nanodiffusion.tokenizer import CLIPTokenizer
 from nanodiffusion.training import distributed
 from nanodiffusion.training.captions import check_tokenizer
+from nanodiffusion.training.checkpointed import Checkpointed
 from nanodiffusion.training.denoising import DenoisingConfig, denoising_loss
 from nanodiffusion.training.ema import EMA
 from nanodiffusion.training.export import scheduler_config
 from nanodiffusion.training.run_state import RunState, TrainState
+from nanodiffusion.validation import check_float, check_text
 from nanodiffusion.weights import SDComponents, save_diffusers
 from nanodiffusion.weights.checkpoint import load_checkpoint, save_checkpoint
 
@@ -60,6 +63,9 @@ class LatentTrainConfig(DenoisingConfig):
         super().__post_init__()
         if not 0 <= self.caption_dropout < 1:
             raise UserError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        check_float("sample_guidance_scale", self.sample_guidance_scale, minimum=0)
+        for i, prompt in enumerate(self.sample_prompts):
+            check_text(f"sample_prompts[{i}]", prompt)
 
 
 @torch.no_grad()
@@ -104,7 +110,54 @@ def cached_latents(vae: AutoencoderKL, dataset: CaptionedDataset, cache: Path, *
     return mean, std
 
 
-class LatentTrainer:
+@dataclass(frozen=True)
+class LatentObjective:
+    """Eq. 2 on cached latents: what one training step draws (captions, dropped with `caption_dropout`;
+    timesteps; noise; posterior samples) and the loss it computes. `train lora` shares it (lora_trainer.py).
+
+    `config` needs caption_dropout, sample_posterior, train_text_encoder, prediction and min_snr_gamma.
+    """
+
+    config: LatentTrainConfig
+    dataset: CaptionedDataset
+    latent_mean: torch.Tensor               # (N, C, h, w), scaled by the VAE's scaling_factor
+    latent_std: torch.Tensor
+    tokenizer: CLIPTokenizer
+    alphas_cumprod: torch.Tensor            # float32, on the training device
+
+    def loss(self, run: RunState, indices: torch.Tensor, unet, text_encoder) -> tuple[torch.Tensor, int]:
+        """The mean loss over this rank's part of the global batch at `indices`, and that part's size.
+
+        `unet(x_t, t, context)` and `text_encoder(input_ids)` are the networks as trained (text gradients
+        flow only with config.train_text_encoder); every random draw comes from `run.generator`."""
+        cfg, g = self.config, run.generator
+        B = len(indices)
+        captions = self.dataset.captions(indices, g)     # the images are already cached as latents
+        drop = torch.rand(B, generator=g) < cfg.caption_dropout
+        captions = ["" if dropped else caption for caption, dropped in zip(captions, drop.tolist())]
+        t = torch.randint(0, len(self.alphas_cumprod), (B,), generator=g)
+        noise = torch.randn((B, *self.latent_mean.shape[1:]), generator=g)
+        z = self.latent_mean[indices]
+        if cfg.sample_posterior:
+            z = z + self.latent_std[indices] * torch.randn(z.shape, generator=g)
+        mine = run.shard(B)
+        z, t, noise = (v[mine].to(run.device) for v in (z, t, noise))
+        input_ids = self.tokenizer(captions[mine]).to(run.device)    # (b, L): padded as at inference
+        x_t = q_sample(z, t, noise, self.alphas_cumprod)
+        with run.autocast():
+            with torch.set_grad_enabled(cfg.train_text_encoder):
+                context = text_encoder(input_ids).hidden_states      # (b, L, context_dim)
+            pred = unet(x_t, t.float(), context)
+        return denoising_loss(cfg, pred, z, noise, t, self.alphas_cumprod), len(t)
+
+
+def first_captions(dataset: CaptionedDataset, count: int) -> list[str]:
+    """The first `count` distinct canonical captions of the data set's first items (sample-grid prompts)."""
+    first = (dataset.caption(i) for i in range(min(len(dataset), 16 * count)))
+    return list(dict.fromkeys(first))[:count]
+
+
+class LatentTrainer(Checkpointed):
     """Trains an SDUNet (and, jointly, the text encoder) on a captioned data set's VAE latents;
     `fit()` trains and writes the diffusers folder `out_dir/pipeline/`."""
 
@@ -142,37 +195,30 @@ class LatentTrainer:
         self.unet_net = distributed.parallel(self.unet)
         self.text_net = distributed.parallel(self.text_encoder) if joint else self.text_encoder
         self.alphas_cumprod = get_alphas_cumprod(schedule).float().to(device)
+        self.objective = LatentObjective(config, dataset, self.latent_mean, self.latent_std, tokenizer,
+                                         self.alphas_cumprod)
 
     @property
     def state(self) -> TrainState:
         return self.run.state
 
+    @torch.no_grad()
+    def init_unet(self, unet: SDUNet) -> None:
+        """Start from the weights of a trained UNet of the same config (fine-tuning); its EMA too."""
+        if unet.config != self.unet.config:
+            raise UserError("the UNet to start from has another config than the one being trained")
+        for module in (self.unet, self.ema.shadow):
+            module.load_state_dict(unet.state_dict(), strict=True)
+
     def train_step(self, indices: torch.Tensor) -> dict[str, float]:
         """One optimizer step of eq. 2 on the global batch at `indices`; returns {"loss": ...}."""
-        cfg, run, g = self.config, self.run, self.run.generator
-        B = len(indices)
-        captions = self.dataset.captions(indices, g)     # the images are already cached as latents
-        drop = torch.rand(B, generator=g) < cfg.caption_dropout
-        captions = ["" if dropped else caption for caption, dropped in zip(captions, drop.tolist())]
-        t = torch.randint(0, self.schedule.num_timesteps, (B,), generator=g)
-        noise = torch.randn((B, *self.latent_mean.shape[1:]), generator=g)
-        z = self.latent_mean[indices]
-        if cfg.sample_posterior:
-            z = z + self.latent_std[indices] * torch.randn(z.shape, generator=g)
-        mine = run.shard(B)
-        z, t, noise = (v[mine].to(run.device) for v in (z, t, noise))
-        input_ids = self.tokenizer(captions[mine]).to(run.device)    # (b, L): padded as at inference
-        x_t = q_sample(z, t, noise, self.alphas_cumprod)
-        with run.autocast():
-            with torch.set_grad_enabled(cfg.train_text_encoder):
-                context = self.text_net(input_ids).hidden_states     # (b, L, context_dim)
-            pred = self.unet_net(x_t, t.float(), context)
-        loss = denoising_loss(cfg, pred, z, noise, t, self.alphas_cumprod)
-        run.optimizer_step(loss * run.loss_scale(len(t), B))
+        run = self.run
+        loss, count = self.objective.loss(run, indices, self.unet_net, self.text_net)
+        run.optimizer_step(loss * run.loss_scale(count, len(indices)))
         self.ema.update(self.unet)
-        if cfg.train_text_encoder:
+        if self.config.train_text_encoder:
             self.text_ema.update(self.text_encoder)
-        return run.batch_means({"loss": loss}, len(t), B)
+        return run.batch_means({"loss": loss}, count, len(indices))
 
     def fit(self) -> TrainState:
         """Train, then write the diffusers folder `out_dir/pipeline/` with the EMA weights (rank 0)."""
@@ -203,25 +249,13 @@ class LatentTrainer:
     @torch.no_grad()
     def sample_grid(self, path: Path) -> None:
         """One row per prompt, GRID_COLUMNS seeds each, through TextToImage with the EMA weights."""
-        prompts = list(self.config.sample_prompts) or self._first_captions(GRID_PROMPTS)
+        prompts = list(self.config.sample_prompts) or first_captions(self.dataset, GRID_PROMPTS)
         pipe = self.pipeline()
         pipe.show_progress = False
         height, width = (side * self.vae.config.downsample_factor for side in self.latent_mean.shape[2:])
         images = pipe(prompts, num_images_per_prompt=GRID_COLUMNS, seed=0, num_steps=GRID_STEPS,
                       height=height, width=width, guidance_scale=self.config.sample_guidance_scale).images
         save_png(image_grid(images, rows=len(prompts), cols=GRID_COLUMNS), path)
-
-    def _first_captions(self, count: int) -> list[str]:
-        """The first `count` distinct canonical captions of the data set's first items."""
-        first = (self.dataset.caption(i) for i in range(min(len(self.dataset), 16 * count)))
-        return list(dict.fromkeys(first))[:count]
-
-    def save(self, name: str) -> Path:
-        return self.run.save(name)
-
-    def resume(self, path: str | Path) -> None:
-        """Restore the UNet (and a trained text encoder), EMA, optimizer, RNG and counters (see `save`)."""
-        self.run.resume(path, self._check_checkpoint)
 
     def _check_checkpoint(self, meta: dict) -> None:
         same = (meta.get("kind") == "latent_unet"

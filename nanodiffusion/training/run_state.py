@@ -19,14 +19,27 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from nanodiffusion.atomic import check_output_folder, remove_stale_temporaries
 from nanodiffusion.errors import UserError
 from nanodiffusion.training import distributed
 from nanodiffusion.training.ema import EMA
+from nanodiffusion.validation import check_float, check_int, check_seed
 from nanodiffusion.weights.checkpoint import (
-    load_checkpoint, optimizer_from_tensors, optimizer_to_tensors, prefixed, save_checkpoint, unprefixed,
+    load_checkpoint, load_module, optimizer_from_tensors, optimizer_to_tensors, prefixed, require,
+    save_checkpoint, unprefixed,
 )
 
 LR_SCHEDULES = ("constant", "cosine")
+OUT_DIR = "the output folder (out_dir)"          # how messages name it
+
+
+def prepare_output(out_dir: Path) -> None:
+    """Refuse an output folder that cannot be written; delete the temporary files of killed saves."""
+    check_output_folder(out_dir, OUT_DIR)
+    stale = remove_stale_temporaries(out_dir)
+    if stale:
+        print(f"removed {len(stale)} temporary file(s) left in {out_dir} by an interrupted save: "
+              f"{', '.join(path.name for path in stale[:3])}{' ...' if len(stale) > 3 else ''}")
 
 
 @dataclass(frozen=True)
@@ -48,17 +61,17 @@ class LoopConfig:
     device: str = "cpu"                   # "cuda" trains rank r on cuda:LOCAL_RANK under torchrun
 
     def __post_init__(self):
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise UserError(f"max_steps must be >= 1, got {self.max_steps}")
+        for name in ("epochs", "batch_size", "max_steps"):
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), minimum=1)
         for name in ("warmup_steps", "save_every_steps", "sample_every_epochs"):
-            if getattr(self, name) < 0:
-                raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
+            check_int(name, getattr(self, name), minimum=0)
         if self.lr_schedule not in LR_SCHEDULES:
             raise UserError(f"unknown learning-rate schedule {self.lr_schedule!r}; "
                             f"valid: {', '.join(LR_SCHEDULES)}")
+        check_float("lr", self.lr, above=0)
+        check_float("weight_decay", self.weight_decay, minimum=0)
+        check_seed(self.seed)
 
 
 @dataclass
@@ -85,15 +98,19 @@ class RunState:
         self.rank, self.world_size = distributed.world()
         self.device = distributed.process_device(config.device)
         self._check_batches()
+        check_seed(config.seed, self.world_size)             # rank r seeds its dropout with seed + r
+        self.out_dir = Path(config.out_dir)
+        if self.is_main:
+            prepare_output(self.out_dir)
         torch.manual_seed(config.seed)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.epoch_generator_state = self.generator.get_state()
         self.state = TrainState()
-        self.out_dir = Path(config.out_dir)
         self.optimizer: torch.optim.Optimizer | None = None
         self.modules: dict[str, torch.nn.Module] = {}
         self.emas: tuple[EMA, ...] = ()
         self.metadata: dict = {}
+        self.saved: dict[str, int] = {}               # checkpoint name -> step of its last successful save
 
     def _check_batches(self) -> None:
         size, last = self.config.batch_size, self.num_items % self.config.batch_size
@@ -176,16 +193,33 @@ class RunState:
         for start in range(self.state.step_in_epoch * size, self.steps_per_epoch * size, size):
             yield order[start:start + size]
 
+    @property
+    def finished(self) -> bool:
+        """True when the run has reached `epochs` or `max_steps`: fit() has nothing left to do."""
+        cfg, st = self.config, self.state
+        return st.epoch >= cfg.epochs or (cfg.max_steps is not None and st.step >= cfg.max_steps)
+
     def fit(self, train_step: Callable[[torch.Tensor], dict[str, float]],
             sample_grid: Callable[[Path], None] | None = None) -> TrainState:
         """Run `train_step` on each batch until `epochs` (or `max_steps`), writing `last` and `best`
-        checkpoints and, every `sample_every_epochs`, `sample_grid(out_dir/samples/epoch_NNNN.png)`."""
+        checkpoints and, every `sample_every_epochs`, `sample_grid(out_dir/samples/epoch_NNNN.png)`.
+
+        A run that --max-steps ends inside an epoch ends like one that --epochs ends: its (partial) epoch is
+        logged, `best`, `last` and, with sample_every_epochs, a grid `samples/step_NNNNNNN.png` are written.
+        """
         cfg, st = self.config, self.state
-        epochs_bar = tqdm(range(st.epoch, cfg.epochs), desc="epochs", initial=st.epoch, total=cfg.epochs,
+        if self.finished:
+            return st
+        if self.is_main:
+            check_output_folder(self.out_dir, OUT_DIR, size=self.checkpoint_bytes())
+        last_epoch = min(cfg.epochs, math.ceil(self.total_steps / self.steps_per_epoch))
+        epochs_bar = tqdm(range(st.epoch, last_epoch), desc="epochs", initial=st.epoch, total=last_epoch,
                           disable=not self.is_main)
         for _ in epochs_bar:
-            bar = tqdm(total=self.steps_per_epoch, initial=st.step_in_epoch, desc=f"epoch {st.epoch + 1}",
-                       leave=False, disable=not self.is_main)
+            steps = self.steps_per_epoch if not cfg.max_steps else \
+                min(self.steps_per_epoch, st.step_in_epoch + cfg.max_steps - st.step)
+            bar = tqdm(total=steps, initial=st.step_in_epoch, desc=f"epoch {st.epoch + 1}", leave=False,
+                       disable=not self.is_main)
             tic, images = time.perf_counter(), 0
             for indices in self.epoch_batches():
                 terms = train_step(indices)
@@ -194,12 +228,10 @@ class RunState:
                 bar.update(1)
                 bar.set_postfix({name: f"{value:.4g}" for name, value in terms.items()},
                                 img_s=f"{images / (time.perf_counter() - tic):.0f}")
-                if cfg.max_steps and st.step >= cfg.max_steps:
-                    bar.close()
-                    self.save("last")
-                    return st
+                if self.finished:
+                    break
                 if cfg.save_every_steps and st.step % cfg.save_every_steps == 0:
-                    self.save("last")
+                    self._save_or_warn("last")
             bar.close()
             self._end_epoch(epochs_bar, images / (time.perf_counter() - tic), sample_grid)
         return st
@@ -213,28 +245,69 @@ class RunState:
             st.epoch_sums[name] = st.epoch_sums.get(name, 0.0) + value
 
     def _end_epoch(self, epochs_bar, images_per_s: float, sample_grid) -> None:
+        """Log the epoch's means, write `best` when it is the best so far, `last`, and the sample grid. An
+        epoch that --max-steps cut short keeps its counters (a resume continues it) and always gets a grid."""
         st = self.state
         means = {name: total / max(st.step_in_epoch, 1) for name, total in st.epoch_sums.items()}
-        st.epoch += 1
-        st.step_in_epoch, st.epoch_sums = 0, {}
-        self.epoch_generator_state = self.generator.get_state()
+        complete = st.step_in_epoch == self.steps_per_epoch
+        if complete:
+            st.epoch += 1
+            st.step_in_epoch, st.epoch_sums = 0, {}
+            self.epoch_generator_state = self.generator.get_state()
         epochs_bar.set_postfix(loss=f"{means.get('loss', math.nan):.4f}")
-        self.log({"epoch": st.epoch, "step": st.step, **means, "images_per_s": round(images_per_s, 1)})
+        self.log({"epoch": st.epoch if complete else st.epoch + st.step_in_epoch / self.steps_per_epoch,
+                  "step": st.step, **means, "images_per_s": round(images_per_s, 1)})
         if means.get("loss", math.inf) < st.best_loss:
-            st.best_loss = means["loss"]
-            self.save("best")
-        self.save("last")
+            previous, st.best_loss = st.best_loss, means["loss"]
+            if not self._save_or_warn("best"):
+                st.best_loss = previous                 # not saved: a later epoch tries again
+        self._save_or_warn("last", final=self.finished)
         every = self.config.sample_every_epochs
-        if sample_grid and every and st.epoch % every == 0 and self.is_main:
-            sample_grid(self.out_dir / "samples" / f"epoch_{st.epoch:04d}.png")
+        if sample_grid and every and self.is_main and (not complete or st.epoch % every == 0):
+            name = f"epoch_{st.epoch:04d}.png" if complete else f"step_{st.step:07d}.png"
+            try:
+                sample_grid(self.out_dir / "samples" / name)
+            except UserError as error:
+                warnings.warn(f"{error}; training goes on without this sample grid", stacklevel=2)
+
+    def _save_or_warn(self, name: str, *, final: bool = False) -> bool:
+        """`save(name)`; when the write fails (full disk...) say so and go on training with the state in
+        memory, the previous file kept, unless this is the run's last save. True when it was written."""
+        try:
+            self.save(name)
+        except UserError as error:
+            if final:
+                last = (f"the latest checkpoint is {self.out_dir / 'last.safetensors'} at step "
+                        f"{self.saved['last']}" if "last" in self.saved
+                        else "no checkpoint of it was written")
+                raise UserError(f"{error}; the run ended but its last state could not be saved: {last}") \
+                    from None
+            warnings.warn(f"{error}; training goes on with the previous {name}.safetensors kept, the next "
+                          "save tries again", stacklevel=2)
+            return False
+        self.saved[name] = self.state.step
+        return True
+
+    def checkpoint_bytes(self) -> int:
+        """About the size of one checkpoint: the modules' tensors and AdamW's two moments per parameter."""
+        module_bytes = sum(value.numel() * value.element_size() for module in self.modules.values()
+                           for value in module.state_dict().values())
+        moment_bytes = sum(2 * p.numel() * p.element_size() for group in (self.optimizer.param_groups
+                                                                          if self.optimizer else [])
+                           for p in group["params"])
+        return module_bytes + moment_bytes + 2**20                          # + RNG states and the header
 
     def log(self, record: dict) -> None:
         """Append `record` to out_dir/log.jsonl and print it (rank 0)."""
         if not self.is_main:
             return
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.out_dir / "log.jsonl", "a", encoding="utf-8") as file:
-            file.write(json.dumps(record) + "\n")
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.out_dir / "log.jsonl", "a", encoding="utf-8") as file:
+                file.write(json.dumps(record) + "\n")
+        except OSError as error:
+            warnings.warn(f"could not append to {self.out_dir / 'log.jsonl'} ({error.strerror}); training "
+                          "goes on", stacklevel=2)
         tqdm.write(", ".join(f"{name} {value:.4g}" if isinstance(value, float) else f"{name} {value}"
                              for name, value in record.items()))
 
@@ -280,22 +353,26 @@ class RunState:
         if "state" not in meta:
             raise UserError(f"{path} holds no training state (it is an exported model); "
                             "cannot resume from it")
-        check(meta)
-        for prefix, module in self.modules.items():
-            module.load_state_dict(unprefixed(prefix, tensors))
-        optimizer_from_tensors(self.optimizer, unprefixed("optim", tensors), meta["optimizer"])
-        self.generator.set_state(tensors["rng.generator"])
-        self.epoch_generator_state = tensors["rng.epoch_generator"]
+        require(meta, path, "optimizer")
+        try:
+            check(meta)
+            state = _saved_state(meta["state"])
+            for prefix, module in self.modules.items():
+                load_module(module, tensors, prefix, path)
+            optimizer_from_tensors(self.optimizer, unprefixed("optim", tensors), meta["optimizer"])
+            self.generator.set_state(tensors["rng.generator"])
+            self.epoch_generator_state = tensors["rng.epoch_generator"]
+        except UserError:
+            raise
+        except KeyError as error:
+            raise UserError(f"{path} is damaged: it has no {error.args[0]!r}") from None
+        except (TypeError, ValueError, AttributeError, RuntimeError) as error:
+            raise UserError(f"{path} is damaged: {type(error).__name__}: {error}") from None
         self._restore_global_rng(tensors, meta.get("world_size", 1))
-        saved = dict(meta["state"])
-        ema_updates = saved.pop("ema_updates", saved["step"])
+        ema_updates = state.pop("ema_updates", state["step"])
         for ema in self.emas:
             ema.num_updates = ema_updates
-        if "epoch_loss_sum" in saved:           # DDPM checkpoints from before the loss terms were kept apart
-            loss_sum = saved.pop("epoch_loss_sum")
-            saved["epoch_sums"] = {"loss": loss_sum} if saved["step_in_epoch"] else {}
-        best = saved["best_loss"]
-        self.state = TrainState(**{**saved, "best_loss": math.inf if best is None else best})
+        self.state = TrainState(**state)
         return meta
 
     def _restore_global_rng(self, tensors: dict[str, torch.Tensor], saved_world_size: int) -> None:
@@ -308,3 +385,16 @@ class RunState:
         torch.set_rng_state(tensors["rng.torch" + suffix])
         if self.device.type == "cuda" and "rng.cuda" + suffix in tensors:
             torch.cuda.set_rng_state(tensors["rng.cuda" + suffix], self.device)
+
+
+def _saved_state(saved: dict) -> dict:
+    """TrainState's fields (and "ema_updates") from a checkpoint's "state" metadata."""
+    saved = dict(saved)
+    if "epoch_loss_sum" in saved:               # DDPM checkpoints from before the loss terms were kept apart
+        loss_sum = saved.pop("epoch_loss_sum")
+        saved["epoch_sums"] = {"loss": loss_sum} if saved["step_in_epoch"] else {}
+    best = saved["best_loss"]
+    saved["best_loss"] = math.inf if best is None else best
+    ema_updates = saved.pop("ema_updates", None)
+    TrainState(**saved)                         # unknown or missing fields fail here, before any change
+    return saved | ({"ema_updates": ema_updates} if ema_updates is not None else {})

@@ -19,8 +19,10 @@ from nanodiffusion.errors import UserError
 from nanodiffusion.images import image_grid, save_png, to_pil
 from nanodiffusion.nets.vae import AutoencoderKL, DiagonalGaussian, VAEConfig
 from nanodiffusion.training import distributed
+from nanodiffusion.training.checkpointed import Checkpointed
 from nanodiffusion.training.export import save_component
 from nanodiffusion.training.run_state import LoopConfig, RunState, TrainState
+from nanodiffusion.validation import check_float
 
 # A small VAE for 32x32 images: 4x smaller latents (8x8x4), 0.95M parameters.
 SMALL_VAE = VAEConfig(block_channels=(32, 64, 64), layers_per_block=1, norm_groups=16, sample_size=32)
@@ -38,9 +40,8 @@ class VAETrainConfig(LoopConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.recon_std <= 0 or self.kl_weight < 0:
-            raise UserError(f"need recon_std > 0 and kl_weight >= 0, got {self.recon_std} and "
-                            f"{self.kl_weight}")
+        check_float("recon_std", self.recon_std, above=0)
+        check_float("kl_weight", self.kl_weight, minimum=0)
         if self.scale_images < 1:
             raise UserError(f"scale_images must be >= 1, got {self.scale_images}")
 
@@ -87,7 +88,7 @@ def latent_scaling_factor(vae: AutoencoderKL, dataset: CaptionedDataset, num_ima
     return 1.0 / torch.cat(latents).std().item()
 
 
-class VAETrainer:
+class VAETrainer(Checkpointed):
     """Trains an AutoencoderKL on the images of a captioned data set; `fit()` trains and exports
     `out_dir/vae/` with the measured scaling factor."""
 
@@ -153,13 +154,6 @@ class VAETrainer:
         self.vae.train(was_training)
         tiles = to_pil(torch.cat([images, reconstructions.clamp(-1, 1)]))
         save_png(image_grid(tiles, rows=2, cols=len(images)), path)
-
-    def save(self, name: str) -> Path:
-        return self.run.save(name)
-
-    def resume(self, path: str | Path) -> None:
-        """Restore the VAE, optimizer, RNG and counters from a checkpoint written by `save`."""
-        self.run.resume(path, self._check_checkpoint)
 
     def _check_checkpoint(self, meta: dict) -> None:
         if meta.get("kind") != "vae" or VAEConfig.from_dict(meta["vae"]) != self.vae.config:

@@ -1,9 +1,11 @@
 """Single-file checkpoints: tensors in safetensors, configs and counters as JSON in its metadata.
 
 One file per checkpoint, written through `atomic_write`: a crash leaves either the old checkpoint or the new one,
-never a torn file.
+never a torn file. A SHA-256 of the tensors, stored beside the metadata, finds bytes changed since (a bad disk
+or copy) when the file is read.
 """
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -14,14 +16,17 @@ from safetensors.torch import load_file, save_file
 
 from nanodiffusion.atomic import atomic_write
 from nanodiffusion.errors import UserError
+from nanodiffusion.validation import json_object
+from nanodiffusion.weights.components import check_state_dict, expected_shapes
 
 METADATA_KEY = "nanodiffusion"
+CHECKSUM_KEY = "nanodiffusion_tensors_sha256"      # a second header entry: older files have none
 
 
 def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
     """Atomically write `tensors` (contiguous CPU copies) and JSON `metadata` to one safetensors file."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    header = {METADATA_KEY: json.dumps(metadata)}
+    header = {METADATA_KEY: json.dumps(metadata), CHECKSUM_KEY: tensors_digest(tensors)}
     with atomic_write(path) as file:
         save_file(tensors, file.name, metadata=header)
 
@@ -39,7 +44,37 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         raise UserError(f"{path} is not a readable safetensors checkpoint ({e})") from None
     if METADATA_KEY not in header:
         raise UserError(f"{path} is a safetensors file but not a nanodiffusion checkpoint (no config in it)")
-    return tensors, json.loads(header[METADATA_KEY])
+    if CHECKSUM_KEY in header and header[CHECKSUM_KEY] != tensors_digest(tensors):
+        raise UserError(f"{path} is corrupted: its tensors differ from the checksum stored when it was "
+                        "written (a disk or copy error); use another checkpoint or copy it again")
+    metadata = json_object(header[METADATA_KEY], f"{path} is damaged: its {METADATA_KEY!r} metadata")
+    return tensors, metadata
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """Hex SHA-256 of `tensors` in key order: each name, dtype, shape and the raw bytes."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
+def require(metadata: dict, path: str | os.PathLike, *keys: str) -> None:
+    """A UserError naming `path` and the first of `keys` its metadata lacks."""
+    for key in keys:
+        if key not in metadata:
+            raise UserError(f"{path} is damaged or not this kind of checkpoint: its metadata has no {key!r}")
+
+
+def load_module(module: torch.nn.Module, tensors: dict[str, torch.Tensor], prefix: str,
+                path: str | os.PathLike) -> None:
+    """Load the `prefix.*` tensors into `module`, strictly; a UserError naming the file and the keys that
+    are missing, unexpected or of the wrong shape."""
+    state = unprefixed(prefix, tensors)
+    check_state_dict(expected_shapes(module), state, f"{path} ({prefix!r} tensors)")
+    module.load_state_dict(state)              # copies into the module's tensors, casting fp16/bf16 exports
 
 
 def prefixed(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 from nanodiffusion.atomic import atomic_write
-from nanodiffusion.errors import UserError
+from nanodiffusion.errors import UserError, UserTypeError
 
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "builtin"
 BUILTIN_DDPM = {"fashion-mnist": BUILTIN_DIR / "fashion_mnist_ddpm.safetensors"}    # for `sample`, `eval`
@@ -23,6 +23,8 @@ _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 def model_path(model: str | Path, *, variant: str | None = None) -> Path:
     """The local file or folder of a model argument: a built-in name, an existing path, or a Hub repo id
     (downloaded to the Hugging Face cache; `variant` picks its *.VARIANT.safetensors files)."""
+    if not isinstance(model, (str, os.PathLike)):
+        raise UserTypeError(f"the model must be a path, a built-in name or a repo id, got {model!r}")
     name = str(model)
     for kind, builtin in (("DDPM", BUILTIN_DDPM), ("text-to-image", BUILTIN_TEXT_TO_IMAGE)):
         if name in builtin:

@@ -121,8 +121,10 @@ def refuse_pickle(path: Path) -> None:
     """Raise the message that explains why a pickle is not loaded without the trust flag."""
     raise UserError(f"{path} is a pickle checkpoint: unpickling can run code hidden in the file. Prefer a "
                     f".safetensors version of the model. If you trust the file's source, pass "
-                    f"trust_pickle=True (CLI: --trust-pickle); it is then read with torch.load(weights_only="
-                    f"True), which only accepts tensors and plain containers")
+                    f"trust_pickle=True in Python; on the command line convert the model once and use the "
+                    f"copy: nanodiffusion convert --trust-pickle MODEL COPY (COPY: a .safetensors file or a "
+                    f"folder). It is then read with torch.load(weights_only=True), which only accepts "
+                    f"tensors and plain containers")
 
 
 def read_weights(path: str | Path, *, trust_pickle: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

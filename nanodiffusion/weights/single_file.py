@@ -115,6 +115,20 @@ def infer_openclip_config(shapes: dict[str, torch.Size]) -> CLIPTextConfig:
         bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=0)
 
 
+def _stored_configs(text: str, path: Path) -> tuple[dict, dict]:
+    """The configs our `save_single_file` stored as JSON; a UserError naming the file when they are broken."""
+    try:
+        stored = json.loads(text)
+        configs = {name: CONFIG_CLASSES[name].from_dict(stored[name]) for name in CONFIG_CLASSES}
+        if not isinstance(stored["scheduler"], dict):
+            raise TypeError(f"the scheduler config is a {type(stored['scheduler']).__name__}, not an object")
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        what = f"no {error}" if isinstance(error, KeyError) else str(error)
+        raise UserError(f"{path}: its {METADATA_KEY!r} metadata, the networks' configs, is broken ({what}): "
+                        "convert the model again from its source") from None
+    return configs, stored["scheduler"]
+
+
 def _infer(component: str, layout: str, shapes: dict[str, torch.Size]):
     if component == "unet":
         return infer_unet_config(shapes, SD2_HEAD_WIDTH if layout == "openclip" else None)
@@ -128,9 +142,7 @@ def _configs(tensors: dict[str, torch.Tensor], metadata: dict[str, str], layout:
     """({component: config}, scheduler config): from our metadata if present, else inferred from shapes
     (and None for the scheduler config, which `_scheduler_config` then builds)."""
     if METADATA_KEY in metadata:
-        stored = json.loads(metadata[METADATA_KEY])
-        configs = {name: CONFIG_CLASSES[name].from_dict(stored[name]) for name in CONFIG_CLASSES}
-        return configs, stored["scheduler"]
+        return _stored_configs(metadata[METADATA_KEY], path)
     configs = {}
     for component in CONFIG_CLASSES:
         prefix = TEXT_PREFIXES[layout] if component == "text_encoder" else PREFIXES[component]
