@@ -177,11 +177,11 @@ def child(config: str, names: list[str], work: Path, sizes: Sizes, repeats: int)
     return results
 
 
-def peak_child(quick: bool) -> dict:
-    """Best bf16 and fp32 rates (GFLOP/s) of a square matmul and a 3x3 conv on this machine."""
+def peak_child(quick: bool, dtypes: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float32)) -> dict:
+    """Best rates (GFLOP/s) of a square matmul and a 3x3 conv in each of `dtypes` on this machine."""
     n, channels, side = (512, 64, 16) if quick else (4096, 512, 64)
     rates = {}
-    for dtype in (torch.bfloat16, torch.float32):
+    for dtype in dtypes:
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
         x = torch.randn(1, channels, side, side, dtype=dtype).contiguous(memory_format=torch.channels_last)
         w = torch.randn(channels, channels, 3, 3, dtype=dtype).contiguous(memory_format=torch.channels_last)

@@ -32,6 +32,7 @@ from nanodiffusion.pipelines.memory import check_generation_fits
 from nanodiffusion.pipelines.metadata import ModelRecord, read_settings
 from nanodiffusion.pipelines.request import GenerationRequest
 from nanodiffusion.pipelines.text_to_image import TextToImage
+from nanodiffusion.weights import load_vae
 from nanodiffusion.validation import check_seed, finite_float, resolve_device
 from nanodiffusion.weights.components import DTYPES
 from nanodiffusion.weights.models import DEFAULT_TEXT_TO_IMAGE, model_hash, model_path
@@ -39,7 +40,8 @@ from nanodiffusion.weights.models import DEFAULT_TEXT_TO_IMAGE, model_hash, mode
 DEFAULT_OUT = "image.png"
 DEFAULTS = {field.name: field.default for field in fields(GenerationRequest)}
 SUPPRESS = argparse.SUPPRESS    # flags not given stay unset, so that --from can tell them apart
-UNSET_IS_NONE = ("from_image", "out", "out_dir", "gif", "device")      # optional flags without a setting
+# optional flags without a setting
+UNSET_IS_NONE = ("from_image", "out", "out_dir", "gif", "device", "preview_vae")
 
 MIN_VAE_TILE = 32                       # latent pixels: tiles overlap by 16 (TextToImage.vae_tile_overlap)
 GIF_PREVIEWS = 10                       # default previews in a GIF, at most one per step
@@ -71,6 +73,10 @@ def add_arguments(p) -> None:
     add_sampler_option_flags(p)
     p.add_argument("--clip-skip", dest="clip_skip", type=int, default=SUPPRESS,
                    help="2 = condition on CLIP's penultimate layer (default: 1)")
+    p.add_argument("--tome", dest="tome_ratio", type=float, default=SUPPRESS, metavar="R",
+                   help="token merging (ToMe for SD): merge this fraction of the tokens before each "
+                        "full-resolution self-attention, 0-0.75; faster, the image changes a little "
+                        "(default: 0, off; benchmarks/README.md)")
     p.add_argument("--lora", dest="loras", type=_lora, action="append", default=SUPPRESS,
                    metavar="PATH[:WEIGHT]",
                    help="apply a LoRA file (kohya/A1111 or diffusers) with this weight (default 1); repeatable")
@@ -84,6 +90,14 @@ def add_arguments(p) -> None:
                    help="decode in overlapping tiles of N latent pixels (8N image pixels), blended: bounds "
                         "the memory of large images, pixels differ slightly from a whole decode (default: "
                         f"whole images; N >= {MIN_VAE_TILE})")
+    p.add_argument("--vae", default=SUPPRESS, metavar="PATH",
+                   help="replace the model's autoencoder: a diffusers folder (TAESD's AutoencoderTiny, e.g. "
+                        "madebyollin/taesd, or an AutoencoderKL) or a VAE file (.safetensors; A1111's); "
+                        "recorded in the PNG and replayed by --from")
+    p.add_argument("--preview-vae", dest="preview_vae", default=SUPPRESS, metavar="PATH",
+                   help="decode the --gif frames with this autoencoder (a TAESD folder: a small fraction of "
+                        "the VAE's time); the PNGs still use the model's VAE (or --vae). With a TAESD --vae "
+                        "the frames are cheap already")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--out", default=SUPPRESS,
                      help=f"output PNG; with -n N, STEM-k.png (default: {DEFAULT_OUT})")
@@ -124,7 +138,8 @@ def build_request(args) -> tuple[GenerationRequest, dict]:
     given = vars(args)
     stored = {}
     run = {"model": DEFAULT_TEXT_TO_IMAGE, "dtype": "fp32", "model_hash": None, "device": None,
-           "vae_tile": None, "loras": [], "lora_dir": None, "embeddings_dir": None, "lora_hashes": {}}
+           "vae_tile": None, "loras": [], "lora_dir": None, "embeddings_dir": None, "lora_hashes": {},
+           "vae": None, "vae_hash": None}
     if args.from_image:
         stored, recorded = _stored_settings(args.from_image)
         run.update({key: recorded[key] for key in run if key in recorded})
@@ -141,7 +156,7 @@ def build_request(args) -> tuple[GenerationRequest, dict]:
     if values.get("seed") is None:
         values["seed"] = random.randrange(2**32)
     values["num_images_per_prompt"] = 1                 # one image per call: each PNG replays alone
-    for key in ("model", "dtype", "vae_tile", "loras", "lora_dir", "embeddings_dir"):
+    for key in ("model", "dtype", "vae_tile", "loras", "lora_dir", "embeddings_dir", "vae"):
         run[key] = given.get(key, run[key])
     if run["vae_tile"] is not None and run["vae_tile"] < MIN_VAE_TILE:
         raise UserError(f"--vae-tile must be >= {MIN_VAE_TILE} latent pixels (tiles overlap by 16), "
@@ -206,7 +221,12 @@ def run(args) -> None:
     digest = model_hash(path)
     if args.from_image:
         _warn_if_different(settings, digest, device.type)
-    pipe = TextToImage.from_pretrained(path, dtype=DTYPES[settings["dtype"]], device=device)
+    if settings["vae"] is not None and not Path(settings["vae"]).exists():
+        raise UserError(f"--vae {settings['vae']}: no such file or folder")
+    vae_hash = model_hash(settings["vae"]) if settings["vae"] is not None else None
+    pipe = TextToImage.from_pretrained(path, dtype=DTYPES[settings["dtype"]], device=device,
+                                       vae=settings["vae"])
+    _set_preview_vae(pipe, args)
     pipe.show_progress = False
     if "dtype" not in vars(args) and not args.from_image:
         _hint_bf16(pipe)
@@ -222,7 +242,7 @@ def run(args) -> None:
     _load_adapters(pipe, request, settings, replaying=bool(args.from_image))
     model = ModelRecord(settings["model"], path, digest, settings["dtype"], device.type, settings["vae_tile"],
                         tuple((str(p), w) for p, w in settings["loras"]), settings["lora_dir"],
-                        settings["embeddings_dir"])
+                        settings["embeddings_dir"], vae=settings["vae"], vae_hash=vae_hash)
     _generate(args, pipe, request, model, paths, grid_path)
 
 
@@ -295,12 +315,27 @@ class _Progress:
             return
         self.bar.update(1)
         if steps_done - 1 in self.previews:
-            self.animations[-1].extend(to_pil(self.pipe.decode_latents(denoised)))
+            self.animations[-1].extend(to_pil(self.pipe.decode_preview(denoised)))
 
     def finish(self, image) -> None:
         self.bar.close()
         if self.previews:
             self.animations[-1].append(image)
+
+
+def _set_preview_vae(pipe: TextToImage, args) -> None:
+    """Load --preview-vae into the pipeline; it only decodes GIF frames, so it needs --gif."""
+    if args.preview_vae is None:
+        return
+    if not args.gif:
+        raise UserError("--preview-vae decodes the --gif frames: give --gif too")
+    preview = load_vae(args.preview_vae, dtype=pipe.dtype, device=pipe.device)
+    made = (pipe.vae.config.latent_channels, pipe.vae_factor)
+    if (preview.config.latent_channels, preview.config.downsample_factor) != made:
+        raise UserError(f"--preview-vae {args.preview_vae} decodes {preview.config.latent_channels}-channel "
+                        f"latents {preview.config.downsample_factor}x, the model's VAE {made[0]}-channel "
+                        f"latents {made[1]}x")
+    pipe.preview_vae = preview
 
 
 BF16_HINT_PARAMETERS = 100_000_000      # UNets this large (SD v1.x: 860M) gain ~2x from bf16 on such a CPU

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from nanodiffusion.errors import UserError
 from nanodiffusion.nets import blocks
+from nanodiffusion.nets.token_merging import TokenMerge
 
 
 class ResnetBlock(nn.Module):
@@ -179,8 +180,12 @@ class TransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x))
+    def forward(self, x: torch.Tensor, context: torch.Tensor,
+                tokens: TokenMerge | None = None) -> torch.Tensor:
+        if tokens is None:
+            x = x + self.attn1(self.norm1(x))
+        else:                                       # token merging: self-attention on fewer tokens
+            x = x + tokens.unmerge(self.attn1(tokens.merge(self.norm1(x))))
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -206,6 +211,8 @@ class SpatialTransformer(nn.Module):
             TransformerBlock(channels, num_heads, context_dim, upcast_attention=upcast_attention)
             for _ in range(depth))
         self.proj_out = _projection(channels, linear_projection)
+        # (ratio, generator) while token merging is on (token_merging.merging_tokens), else None
+        self.token_merging: tuple[float, torch.Generator] | None = None
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
@@ -217,7 +224,8 @@ class SpatialTransformer(nn.Module):
         if self.linear_projection:
             h = self.proj_in(h)
         for block in self.transformer_blocks:
-            h = block(h, context)
+            merging = self.token_merging
+            h = block(h, context, None if merging is None else TokenMerge(h, height, width, *merging))
         if self.linear_projection:
             h = self.proj_out(h)
         h = h.reshape(batch, height, width, channels).permute(0, 3, 1, 2)      # (B, C, H, W), NHWC strides

@@ -41,6 +41,8 @@ class ModelRecord:
     loras: tuple[tuple[str, float], ...] = ()   # LoRA files applied to every image (generate --lora PATH:W)
     lora_dir: str | None = None     # where <lora:NAME:W> in prompts was looked up
     embeddings_dir: str | None = None   # the textual-inversion embeddings loaded
+    vae: str | None = None          # the autoencoder that replaced the model's (--vae), as given
+    vae_hash: str | None = None     # A1111's "VAE hash" of its weights
 
     @property
     def name(self) -> str:
@@ -52,15 +54,18 @@ def png_text(request, model: ModelRecord, *, img2img: bool = False,
              lora_hashes: dict[str, str] | None = None) -> dict[str, str]:
     """Both text chunks of an image of `request` (one prompt, its seed filled in) made by `model`, from an
     init image if `img2img`, with the LoRAs `lora_hashes` ({name: A1111 short hash}) active."""
+    vae = {"vae_name": Path(model.vae).name, "vae_hash": model.vae_hash} if model.vae is not None else {}
     return {PARAMETERS_KEY: a1111_parameters(request, model.name, model.hash, img2img=img2img,
-                                             lora_hashes=lora_hashes),
+                                             lora_hashes=lora_hashes, **vae),
             SETTINGS_KEY: settings_json(request, model, img2img=img2img, lora_hashes=lora_hashes)}
 
 
 def a1111_parameters(request, model_name: str | None, model_hash: str | None, *,
-                     img2img: bool = False, lora_hashes: dict[str, str] | None = None) -> str:
+                     img2img: bool = False, lora_hashes: dict[str, str] | None = None,
+                     vae_name: str | None = None, vae_hash: str | None = None) -> str:
     """A1111's infotext for one image of `request` (a GenerationRequest with one prompt and seed filled in),
-    with its "Denoising strength" if it was made from an init image (`img2img`), its "Lora hashes" if any.
+    with its "Denoising strength" if it was made from an init image (`img2img`), its "Lora hashes" if any,
+    and the VAE that replaced the model's (`vae_name`, `vae_hash`).
 
     As A1111: no negative line when there is no negative prompt, no schedule type for the sampler's own, and
     values holding a comma, colon or newline are written as JSON strings.
@@ -79,8 +84,11 @@ def a1111_parameters(request, model_name: str | None, model_hash: str | None, *,
         "Size": f"{request.width}x{request.height}",
         "Model hash": model_hash,
         "Model": model_name,
+        "VAE hash": vae_hash,
+        "VAE": vae_name,
         "Denoising strength": f"{request.strength:g}" if img2img else None,
         "Clip skip": request.clip_skip if request.clip_skip != 1 else None,
+        "Token merging ratio": f"{request.tome_ratio:g}" if request.tome_ratio else None,
         **_option_labels(request),
         "Lora hashes": ", ".join(f"{name}: {digest}" for name, digest in lora_hashes.items())
         if lora_hashes else None,
@@ -129,11 +137,13 @@ def _quote(value: str) -> str:
 def settings_json(request, model: ModelRecord, *, img2img: bool = False,
                   lora_hashes: dict[str, str] | None = None) -> str:
     """Our own text chunk: the request and what else decides the pixels (model, dtype, device, the VAE tile
-    size when the image was decoded in tiles, whether an init image, which the PNG does not hold, did, and
-    the adapters when there are any)."""
+    size when the image was decoded in tiles, the autoencoder when --vae replaced the model's, whether an
+    init image, which the PNG does not hold, did, and the adapters when there are any)."""
     run = {"model": model.argument, "model_hash": model.hash, "dtype": model.dtype, "device": model.device}
     if model.vae_tile is not None:
         run["vae_tile"] = model.vae_tile
+    if model.vae is not None:
+        run.update(vae=model.vae, vae_hash=model.vae_hash)
     if img2img:
         run["img2img"] = True
     adapters = {"loras": [list(lora) for lora in model.loras], "lora_dir": model.lora_dir,

@@ -17,6 +17,7 @@ from nanodiffusion.diffusion.samplers import get_sampler, resolve_sampler
 from nanodiffusion.diffusion.sampling_plan import check_sigma_schedule
 from nanodiffusion.diffusion.schedules import check_num_steps
 from nanodiffusion.errors import UserError, UserTypeError
+from nanodiffusion.nets.token_merging import check_ratio
 from nanodiffusion.validation import check_float, check_int, check_seed, check_text
 
 DEFAULT_SAMPLER = "pndm"                # diffusers' default for SD v1.x (our plms)
@@ -95,6 +96,7 @@ class GenerationRequest(JSONConfig):
     strength: float = 0.8                # img2img and inpainting only: the fraction of the steps run
     clip_skip: int = 1                   # 2: the penultimate CLIP layer (A1111's "Clip skip")
     emphasis: bool = True                # read A1111's (word:1.3) / [word] syntax in prompts
+    tome_ratio: float = 0.0              # token merging (nets/token_merging.py): the fraction merged; 0 = off
     controls: tuple[ControlSettings, ...] = ()     # the ControlNets that steer it, one each
     # the sampler's own options (diffusion/sampler_options.py), e.g. {"eta": 0.5}; left out: its defaults
     sampler_options: dict = field(default_factory=dict)
@@ -129,6 +131,7 @@ class GenerationRequest(JSONConfig):
         if not isinstance(self.controls, tuple) or \
                 not all(isinstance(control, ControlSettings) for control in self.controls):
             raise UserTypeError("controls must be a tuple of ControlSettings")
+        check_ratio(self.tome_ratio)
 
     @property
     def prompts(self) -> list[str]:

@@ -26,6 +26,7 @@ from nanodiffusion.diffusion.sampling_plan import (
 )
 from nanodiffusion.errors import UserError
 from nanodiffusion.images import to_pil
+from nanodiffusion.nets.token_merging import merging_tokens
 from nanodiffusion.nets.vae_tiling import decode_sliced, decode_tiled
 from nanodiffusion.pipelines.adapter_methods import AdapterMethods
 from nanodiffusion.pipelines.arguments import check_generate_inputs, diverged_message
@@ -72,6 +73,8 @@ class TextToImage(AdapterMethods):
         self.vae_tile_size: int | None = None
         self.vae_tile_overlap = 16
         self.vae_slicing = False
+        # A cheap autoencoder (TAESD) for previews only (`decode_preview`); None: previews use `vae`.
+        self.preview_vae: torch.nn.Module | None = None
         self.controlnets = {}           # name -> AttachedControlNet (pipelines/control.py)
 
     def _eps(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, **residuals) -> torch.Tensor:
@@ -87,8 +90,9 @@ class TextToImage(AdapterMethods):
         """Load a diffusers folder, a single-file checkpoint, a Hugging Face repo id or a built-in model name
         ("builtin": `weights.models.model_path`). A single file holds no tokenizer: an SD v1.x one gets CLIP's
         (`CLIPTokenizer.clip()`), others need `tokenizer=` (`CLIPTokenizer.from_pretrained(folder)`). `vae`
-        replaces the model's autoencoder: a module or an autoencoder folder (`weights.load_vae`: TAESD's
-        AutoencoderTiny, or an AutoencoderKL). `controlnet`: ControlNets to attach (`load_controlnet`).
+        replaces the model's autoencoder: a module, an autoencoder folder (TAESD's AutoencoderTiny, or an
+        AutoencoderKL) or a VAE file (A1111's; `weights.load_vae`). `controlnet`: ControlNets to attach
+        (`load_controlnet`).
 
         `memory_format` lays the UNet's and VAE's conv weights out (see `to`); None picks channels_last for
         bf16 on a CPU (measured faster there for both networks: benchmarks/README.md) and leaves the rest.
@@ -236,7 +240,8 @@ class TextToImage(AdapterMethods):
                 mask = prepare_mask(mask_image, request.height, request.width, self.vae_factor)
                 mask = mask.to(self.device)
                 model = inpainting_denoiser(model, original, noise, mask)
-        x = self._sample(sampler, model, x, sigmas, generator, callback, request.sampler_options)
+        with merging_tokens(self.unet, request.tome_ratio, request.seed or 0):     # no-op at ratio 0
+            x = self._sample(sampler, model, x, sigmas, generator, callback, request.sampler_options)
         x = final_latent(sampler, x, sigmas)
         if not x.isfinite().all():
             raise UserError(diverged_message(self.dtype, request.guidance_scale))
@@ -357,6 +362,16 @@ class TextToImage(AdapterMethods):
         if not images.isfinite().all():
             raise UserError("the VAE produced NaN pixels from finite latents")
         return images
+
+    @torch.no_grad()
+    def decode_preview(self, latents: torch.Tensor) -> torch.Tensor:
+        """Like `decode_latents`, through `preview_vae` when one is set (TAESD: a small fraction of the VAE's
+        time, pixels close to but not the VAE's); for live previews and GIF frames, never the final image."""
+        if self.preview_vae is None:
+            return self.decode_latents(latents)
+        vae = self.preview_vae
+        weight = next(vae.parameters())
+        return vae.decode((latents / vae.config.scaling_factor).to(weight.device, weight.dtype)).float()
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
         """Float32 images of unscaled latents, tiled and/or one image at a time as the pipeline is set."""

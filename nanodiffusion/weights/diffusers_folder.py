@@ -10,7 +10,7 @@
 Our module names are diffusers' and transformers', so loading is: config.json into our dataclass, a strict
 key and shape check, and the file's tensors assigned in place (see `components.materialize`). SD 2.x folders
 have the same layout (an OpenCLIP text encoder stored as a transformers CLIPTextModel); `vae/` may hold
-TAESD's AutoencoderTiny, and `load_vae` reads one autoencoder folder on its own (to replace a model's VAE).
+TAESD's AutoencoderTiny, and `load_vae_folder` reads one autoencoder folder on its own (to replace a model's VAE).
 """
 
 import json
@@ -159,9 +159,10 @@ def read_vae_config(data: dict) -> VAEConfig | AutoencoderTinyConfig:
     return VAE_READERS[name](data)
 
 
-def load_vae(folder: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-             variant: str | None = None,
-             memory_format: torch.memory_format = torch.preserve_format) -> AutoencoderKL | AutoencoderTiny:
+def load_vae_folder(folder: str | Path, *, dtype: torch.dtype = torch.float32,
+                    device: str | torch.device = "cpu", variant: str | None = None,
+                    memory_format: torch.memory_format = torch.preserve_format,
+                    ) -> AutoencoderKL | AutoencoderTiny:
     """Load one diffusers autoencoder folder (config.json + diffusion_pytorch_model.safetensors), such as
     madebyollin/taesd or stabilityai/sd-vae-ft-mse; a model folder's `vae/` is taken too."""
     folder = Path(folder)
