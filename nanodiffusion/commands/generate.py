@@ -73,7 +73,7 @@ def add_arguments(p) -> None:
     add_sampler_option_flags(p)
     p.add_argument("--clip-skip", dest="clip_skip", type=int, default=SUPPRESS,
                    help="2 = condition on CLIP's penultimate layer (default: 1)")
-    p.add_argument("--tome", dest="tome_ratio", type=float, default=SUPPRESS, metavar="R",
+    p.add_argument("--tome", dest="tome_ratio", type=finite_float, default=SUPPRESS, metavar="R",
                    help="token merging (ToMe for SD): merge this fraction of the tokens before each "
                         "full-resolution self-attention, 0-0.75; faster, the image changes a little "
                         "(default: 0, off; benchmarks/README.md)")
